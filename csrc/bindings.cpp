@@ -1,0 +1,59 @@
+// pybind11 module mob_kernels._C: thin wrappers from Python ints (pointers, sizes, strides) to csrc/mob.h.
+// Python (mob_kernels/cpu.py, mob_kernels/cuda.py) checks every argument first; the GIL is released while C++ runs.
+#include <pybind11/pybind11.h>
+
+#include "mob.h"
+
+namespace py = pybind11;
+using mob::DType;
+using mob::Features;
+
+static Features features(uintptr_t ptr, int dtype, int64_t batch_stride, int64_t row_stride) {
+  if (dtype < 0 || dtype > 2) throw py::value_error("dtype tag must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  return Features{reinterpret_cast<const void*>(ptr), static_cast<DType>(dtype), batch_stride, row_stride};
+}
+
+#ifdef MOB_WITH_CUDA
+void bind_cuda(py::module_& m);  // csrc/cuda/bindings.cpp
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mob_kernels C++ backends (raw pointers, no libtorch)";
+
+  m.def(
+      "prompt_cover_cpu",
+      [](int64_t B, int64_t N, int64_t L, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs, int64_t vis_rs,
+         uintptr_t prompt, int64_t pr_bs, int64_t pr_rs, uintptr_t mask, int64_t k_p, int64_t fold, uintptr_t picks,
+         uintptr_t count) {
+        Features v = features(vis, dtype, vis_bs, vis_rs), p = features(prompt, dtype, pr_bs, pr_rs);
+        py::gil_scoped_release release;
+        mob::prompt_cover_cpu(B, N, L, d, v, p, reinterpret_cast<const bool*>(mask), k_p, fold,
+                              reinterpret_cast<int64_t*>(picks), reinterpret_cast<int64_t*>(count));
+      });
+
+  m.def("farthest_point_sample_cpu",
+        [](int64_t B, int64_t N, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs, int64_t vis_rs, uintptr_t seed,
+           int64_t m_seed, uintptr_t num_picks, int64_t k, uintptr_t out) {
+          Features v = features(vis, dtype, vis_bs, vis_rs);
+          py::gil_scoped_release release;
+          mob::farthest_point_sample_cpu(B, N, d, v, reinterpret_cast<const int64_t*>(seed), m_seed,
+                                         reinterpret_cast<const int64_t*>(num_picks), k,
+                                         reinterpret_cast<int64_t*>(out));
+        });
+
+  m.def("select_cpu", [](int64_t B, int64_t N, int64_t L, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs,
+                         int64_t vis_rs, uintptr_t prompt, int64_t pr_bs, int64_t pr_rs, uintptr_t mask, int64_t k_p,
+                         int64_t k, int64_t fold, uintptr_t out) {
+    Features v = features(vis, dtype, vis_bs, vis_rs), p = features(prompt, dtype, pr_bs, pr_rs);
+    py::gil_scoped_release release;
+    mob::select_cpu(B, N, L, d, v, p, reinterpret_cast<const bool*>(mask), k_p, k, fold,
+                    reinterpret_cast<int64_t*>(out));
+  });
+
+#ifdef MOB_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+  bind_cuda(m);
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+}

@@ -1,0 +1,121 @@
+// CPU farthest point sampling: SPEC.md §2 step 3, exact, with lazy distance updates.
+//
+// dist(i) = min over centres c of 1 - dot(v_i, v_c) / (max(|v_i|, eps) max(|v_c|, eps)). Distances only shrink (a NaN,
+// once there, stays and ranks lowest), so a token's stored distance bounds its true one from above however many
+// centres it has not seen yet. The untaken tokens sit in a max-heap by (stored distance, lower index). Pop the top: if
+// it has seen every centre it is the exact argmax, ties included (every other token's true key ranks at or behind its
+// stored key, which ranks behind the top); otherwise bring it up to date and push it back. The seeds (the prompt
+// cover, or the largest-norm token when there is none) are applied eagerly as one blocked matrix product split across
+// threads; the FPS centres lazily. The worst case is the eager algorithm; on spread-out features most steps refresh a
+// handful of tokens instead of all N.
+#include "cpu/common.h"
+
+namespace mob::cpu {
+namespace {
+
+constexpr float kNanRank = -3.0f;  // finite cosine distances lie in [0, 2] up to rounding
+inline float rank_key(float dist) { return std::isnan(dist) ? kNanRank : dist; }
+
+struct Entry {
+  float key;
+  int64_t idx;
+};
+// std heap is a max-heap under "less": a is less than b when b ranks before a.
+inline bool heap_less(const Entry& a, const Entry& b) { return ranks_before(b.key, b.idx, a.key, a.idx); }
+
+// dist[i] = min over centres of the cosine distance, for every row i (eager; rows split across threads).
+void seed_distances(DType t, const std::vector<const void*>& rows, const float* inv, const std::vector<int64_t>& seeds,
+                    int64_t d, float* dist, bool parallel) {
+  const int64_t N = static_cast<int64_t>(rows.size()), S = static_cast<int64_t>(seeds.size());
+  std::vector<const void*> srows(static_cast<size_t>(S));
+  for (int64_t s = 0; s < S; ++s) srows[static_cast<size_t>(s)] = rows[static_cast<size_t>(seeds[s])];
+  constexpr int64_t kRows = 24, kSeeds = 48;  // a block of rows stays in L2 while the seeds stream past
+  const int64_t nblk = (N + kRows - 1) / kRows;
+#pragma omp parallel if (parallel && N * S * d >= (1 << 20))
+  {
+    std::vector<float> buf(kRows * kSeeds);
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const int64_t i0 = blk * kRows, n = std::min(kRows, N - i0);
+      for (int64_t s0 = 0; s0 < S; s0 += kSeeds) {
+        const int64_t ns = std::min(kSeeds, S - s0);
+        dot_tile(t, rows.data() + i0, n, srows.data() + s0, ns, d, buf.data(), ns);
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t s = 0; s < ns; ++s)
+            dist[i0 + r] = nan_min(dist[i0 + r], 1.0f - buf[r * ns + s] * inv[i0 + r] * inv[seeds[s0 + s]]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void fps_sample(int64_t b, int64_t N, int64_t d, const Features& vis, const int64_t* seed, int64_t m,
+                int64_t num_picks, int64_t k, int64_t* out, bool parallel) {
+  std::fill(out, out + k, int64_t{-1});
+  if (k <= 0 || N <= 0) return;
+  const std::vector<const void*> rows = rows_of(vis, b, N);
+  std::vector<uint8_t> taken(static_cast<size_t>(N), 0);
+  std::vector<int64_t> seeds;  // distinct, in range
+  for (int64_t s = 0; s < m; ++s)
+    if (seed[s] >= 0 && seed[s] < N && !taken[seed[s]]) {
+      taken[seed[s]] = 1;
+      seeds.push_back(seed[s]);
+    }
+  const int64_t n = std::min({std::max<int64_t>(num_picks, 0), k, N - static_cast<int64_t>(seeds.size())});
+  if (n <= 0) return;
+
+  std::vector<float> norm(N), inv(N);
+  inverse_norms(vis.dtype, rows, d, norm.data(), inv.data(), parallel);
+  int64_t t = 0;
+  if (seeds.empty()) {  // first pick: the largest raw norm, NaN ranking lowest
+    int64_t best = 0;
+    for (int64_t i = 1; i < N; ++i)
+      if (ranks_before(std::isnan(norm[i]) ? -1.0f : norm[i], i, std::isnan(norm[best]) ? -1.0f : norm[best], best))
+        best = i;
+    out[t++] = best;
+    taken[best] = 1;
+    seeds.push_back(best);
+  }
+  std::vector<float> dist(N, INFINITY);
+  seed_distances(vis.dtype, rows, inv.data(), seeds, d, dist.data(), parallel);
+
+  std::vector<Entry> heap;
+  heap.reserve(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i)
+    if (!taken[i]) heap.push_back({rank_key(dist[i]), i});
+  std::make_heap(heap.begin(), heap.end(), heap_less);
+  std::vector<int64_t> centres;             // FPS picks, applied lazily
+  std::vector<const void*> centre_rows;
+  std::vector<int64_t> seen(N, 0);          // how many of centres each token's dist accounts for
+  std::vector<float> dots;
+  for (; t < n; ++t) {
+    const int64_t C = static_cast<int64_t>(centres.size());
+    while (seen[heap.front().idx] != C) {
+      const int64_t i = heap.front().idx, from = seen[i], cnt = C - from;
+      dots.resize(static_cast<size_t>(cnt));
+      dot_tile(vis.dtype, &rows[static_cast<size_t>(i)], 1, centre_rows.data() + from, cnt, d, dots.data(), cnt);
+      for (int64_t c = 0; c < cnt; ++c) dist[i] = nan_min(dist[i], 1.0f - dots[c] * inv[i] * inv[centres[from + c]]);
+      seen[i] = C;
+      std::pop_heap(heap.begin(), heap.end(), heap_less);
+      heap.back().key = rank_key(dist[i]);
+      std::push_heap(heap.begin(), heap.end(), heap_less);
+    }
+    const int64_t pick = heap.front().idx;
+    std::pop_heap(heap.begin(), heap.end(), heap_less);
+    heap.pop_back();
+    out[t] = pick;
+    taken[pick] = 1;
+    centres.push_back(pick);
+    centre_rows.push_back(rows[static_cast<size_t>(pick)]);
+  }
+}
+
+}  // namespace mob::cpu
+
+void mob::farthest_point_sample_cpu(int64_t B, int64_t N, int64_t d, Features vis, const int64_t* seed, int64_t m,
+                                    const int64_t* num_picks, int64_t k, int64_t* out) {
+  cpu::for_each_sample(B, [&](int64_t b, bool parallel) {
+    cpu::fps_sample(b, N, d, vis, seed + b * m, m, num_picks[b], k, out + b * k, parallel);
+  });
+}

@@ -1,0 +1,32 @@
+// OpenMP glue for the CPU kernels (falls back to serial loops when built without OpenMP).
+#pragma once
+#include <exception>
+#include <mutex>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace mob::cpu {
+
+// Runs body(b, parallel) for every sample, catching exceptions inside the OpenMP region (one escaping it would abort
+// the process) and rethrowing the first afterwards. Several samples run side by side; a single sample gets the threads
+// inside instead (parallel = true).
+template <class F>
+void for_each_sample(int64_t B, F body) {
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  const bool outer = B > 1;
+#pragma omp parallel for schedule(dynamic, 1) if (outer)
+  for (int64_t b = 0; b < B; ++b) {
+    try {
+      body(b, !outer);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace mob::cpu

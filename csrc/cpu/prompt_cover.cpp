@@ -1,0 +1,90 @@
+// CPU prompt cover: SPEC.md §2 steps 0-2, one sample at a time.
+//
+// sim[j, i] = dot(p_j, v_i) / (max(|p_j|, eps) max(|v_i|, eps)) for the valid prompt rows j: a float32 matrix product
+// through dot_tile, in blocks of visual rows that stay in L2 while every prompt row streams past, blocks split across
+// threads. Then each row's f best tokens (ties to the lower index; a non-finite similarity never counts), a max-merge
+// into the covering score c(i), and the k_p best candidates. The N x L_valid score matrix is the only workspace.
+#include "cpu/common.h"
+
+namespace mob::cpu {
+
+int64_t top_finite(const float* x, int64_t n, int64_t m, int64_t* out) {
+  if (m <= 0) return 0;
+  int64_t cnt = 0;
+  if (m <= 64) {
+    // One pass with a sorted buffer. i only grows, so an equal value never moves ahead of an earlier index.
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x[i];
+      if (!std::isfinite(v) || (cnt == m && !(v > x[out[m - 1]]))) continue;
+      int64_t p = cnt < m ? cnt++ : m - 1;
+      for (; p > 0 && v > x[out[p - 1]]; --p) out[p] = out[p - 1];
+      out[p] = i;
+    }
+    return cnt;
+  }
+  std::vector<int64_t> idx;
+  idx.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isfinite(x[i])) idx.push_back(i);
+  cnt = std::min<int64_t>(m, static_cast<int64_t>(idx.size()));
+  std::partial_sort(idx.begin(), idx.begin() + cnt, idx.end(),
+                    [x](int64_t a, int64_t b) { return ranks_before(x[a], a, x[b], b); });
+  std::copy(idx.begin(), idx.begin() + cnt, out);
+  return cnt;
+}
+
+void inverse_norms(DType t, const std::vector<const void*>& rows, int64_t d, float* norm, float* inv, bool parallel) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+#pragma omp parallel for schedule(static) if (parallel && n * d >= (1 << 16))
+  for (int64_t i = 0; i < n; ++i) {
+    float sq;
+    dot_tile(t, &rows[static_cast<size_t>(i)], 1, &rows[static_cast<size_t>(i)], 1, d, &sq, 1);
+    norm[i] = std::sqrt(sq);
+    inv[i] = 1.0f / std::max(norm[i], kEps);
+  }
+}
+
+int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Features& vis, const Features& prompt,
+                            const bool* mask, int64_t k_p, int64_t fold, int64_t* picks, bool parallel) {
+  std::fill(picks, picks + k_p, int64_t{-1});
+  std::vector<const void*> prows;
+  for (int64_t j = 0; j < L; ++j)
+    if (mask[b * L + j]) prows.push_back(row_ptr(prompt, b, j));
+  const int64_t Lv = static_cast<int64_t>(prows.size());
+  if (k_p == 0 || N == 0 || Lv == 0) return 0;
+  const int64_t f = std::min(N, fold > 0 ? fold : std::max<int64_t>(1, (k_p + Lv - 1) / Lv));
+
+  const std::vector<const void*> vrows = rows_of(vis, b, N);
+  std::vector<float> vnorm(N), vinv(N), pnorm(Lv), pinv(Lv), sim(static_cast<size_t>(Lv * N));
+  inverse_norms(vis.dtype, vrows, d, vnorm.data(), vinv.data(), parallel);
+  inverse_norms(prompt.dtype, prows, d, pnorm.data(), pinv.data(), parallel);
+
+  constexpr int64_t kBlock = 24;  // visual rows per block: 24 x 4096 float32 = 384 KiB, resident in L2
+  const int64_t nblk = (N + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (parallel && Lv * N * d >= (1 << 20))
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const int64_t i0 = blk * kBlock, n = std::min(kBlock, N - i0);
+    dot_tile(vis.dtype, prows.data(), Lv, vrows.data() + i0, n, d, sim.data() + i0, N);
+    for (int64_t j = 0; j < Lv; ++j)
+      for (int64_t i = i0; i < i0 + n; ++i) sim[j * N + i] *= pinv[j] * vinv[i];
+  }
+
+  std::vector<float> cover(N, -INFINITY);
+  std::vector<int64_t> top(static_cast<size_t>(f));
+  for (int64_t j = 0; j < Lv; ++j) {
+    const float* s = sim.data() + j * N;
+    const int64_t cnt = top_finite(s, N, f, top.data());
+    for (int64_t r = 0; r < cnt; ++r) cover[top[r]] = std::max(cover[top[r]], s[top[r]]);
+  }
+  // Tokens in no T_j keep -inf and so are never picked.
+  return top_finite(cover.data(), N, k_p, picks);
+}
+
+}  // namespace mob::cpu
+
+void mob::prompt_cover_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt,
+                           const bool* mask, int64_t k_p, int64_t fold, int64_t* picks, int64_t* count) {
+  cpu::for_each_sample(B, [&](int64_t b, bool parallel) {
+    count[b] = cpu::prompt_cover_sample(b, N, L, d, vis, prompt, mask, k_p, fold, picks + b * k_p, parallel);
+  });
+}
