@@ -1,0 +1,50 @@
+# Every target does its own set-up: a fresh machine needs only python3, a C++ compiler and (optionally) nvcc.
+#   make demo   - the main job: MoB selection on LLaVA-1.5-sized inputs with every available backend
+#   make test   - the whole test suite
+# Override TORCH_SPEC / TORCH_INDEX for a CUDA build of torch, e.g.
+#   make test TORCH_SPEC=torch==2.13.0 TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu130"
+PY          ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN         := $(VENV)/bin
+PIP         := $(BIN)/python -m pip
+# Test and integration dependencies, pinned to the versions the suite was run with.
+TEST_DEPS   := pytest==9.2.0 hypothesis==6.170.15 pytest-benchmark==5.3.1 expecttest numpy triton==3.9.0 \
+               transformers==5.23.0 pillow scikit-learn
+BENCH_DEPS  := matplotlib fpsample faiss-cpu
+BUILD_DEPS  := "setuptools>=68" wheel "pybind11>=2.12" "cmake>=3.18" ninja
+SOURCES     := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: install demo test bench fuzz test-asan cuda-check clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first and pinned, so that nothing installed after it can pull another torch.
+$(VENV)/.deps: $(BIN)/python Makefile
+	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PIP) install -q $(BUILD_DEPS) $(TEST_DEPS) "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.bench-deps: $(VENV)/.deps
+	$(PIP) install -q $(BENCH_DEPS) "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install $(VENV)/.bench-deps
+	$(BIN)/python -m mob_kernels.bench --preset demo
+
+test: install
+	$(BIN)/python -m pytest -q python_tests
+
+bench: install $(VENV)/.bench-deps
+	$(BIN)/python -m pytest -q bench --benchmark-only --benchmark-columns=min,median,iqr,rounds
+
+clean:
+	rm -rf build *.egg-info mob_kernels/_C*.so .pytest_cache .benchmarks
