@@ -11,6 +11,8 @@
 namespace mob::cpu {
 
 constexpr float kEps = 1e-12f;
+// Multiply-adds below which a loop stays on one thread: waking the second core costs more than it saves.
+constexpr int64_t kParallelWork = int64_t{1} << 21;
 
 // "Largest, ties to the lower index" (SPEC §2): a ranks before b.
 inline bool ranks_before(float a, int64_t ia, float b, int64_t ib) { return a > b || (a == b && ia < ib); }
@@ -35,13 +37,27 @@ inline std::vector<const void*> rows_of(const Features& f, int64_t b, int64_t n)
 // 1 / max(||row||, eps) for each row, and the raw norms.
 void inverse_norms(DType t, const std::vector<const void*>& rows, int64_t d, float* norm, float* inv, bool parallel);
 
+// Raw norms and 1 / max(norm, eps) of one sample's visual rows, computed once and shared by cover and FPS.
+struct VisRows {
+  std::vector<const void*> rows;
+  std::vector<float> norm, inv;
+  VisRows(const Features& vis, int64_t b, int64_t N, int64_t d, bool parallel) : rows(rows_of(vis, b, N)), norm(N), inv(N) {
+    inverse_norms(vis.dtype, rows, d, norm.data(), inv.data(), parallel);
+  }
+};
+
 // Per-sample parts, so select_cpu can run cover and FPS back to back on one sample.
 // prompt_cover_sample: picks[0..k_p) (-1 padded), returns the count.
-int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Features& vis, const Features& prompt,
-                            const bool* mask, int64_t k_p, int64_t fold, int64_t* picks, bool parallel);
+int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Features& vis, const VisRows& v,
+                            const Features& prompt, const bool* mask, int64_t k_p, int64_t fold, int64_t* picks,
+                            bool parallel);
 // fps_sample: out[0..k) in selection order, -1 padded.
-void fps_sample(int64_t b, int64_t N, int64_t d, const Features& vis, const int64_t* seed, int64_t m,
-                int64_t num_picks, int64_t k, int64_t* out, bool parallel);
+void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64_t* seed, int64_t m, int64_t num_picks,
+                int64_t k, int64_t* out, bool parallel);
+
+// Throws std::invalid_argument unless 0 <= k_p <= k <= N, fold >= 0 and sizes >= 0: a direct caller of the extension
+// can then never make a kernel index out of bounds.
+void check_sizes(int64_t B, int64_t N, int64_t L, int64_t d, int64_t k_p, int64_t k, int64_t fold);
 
 }  // namespace mob::cpu
 

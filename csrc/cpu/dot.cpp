@@ -55,44 +55,61 @@ MOB_AVX512 inline __m512 load16(const Bf16* p, __mmask16 m) {  // bfloat16: the 
 }
 
 template <int MR, int NR, class T>
-MOB_AVX512 void tile_fma(const void* const* a, const void* const* b, int64_t d, float* out, int64_t ld) {
+MOB_AVX512 void tile_fma(const void* const* a, const void* const* b, int64_t off, int64_t d, float* out, int64_t ld,
+                         bool add) {
   __m512 acc[MR][NR];
+  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < d; i += 16) {
+  for (int64_t i = off; i < d; i += 16) {
     const __mmask16 m = d - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - i)) - 1u);
     __m512 av[MR];
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) av[r] = load16(static_cast<const T*>(a[r]) + i, m);
+    #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) {
       const __m512 bv = load16(static_cast<const T*>(b[c]) + i, m);
+      #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_fmadd_ps(av[r], bv, acc[r][c]);
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) out[r * ld + c] = _mm512_reduce_add_ps(acc[r][c]);
+    #pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) out[r * ld + c] = (add ? out[r * ld + c] : 0.f) + _mm512_reduce_add_ps(acc[r][c]);
 }
 
 // bfloat16 pairs: vdpbf16ps multiplies 32 bf16 pairs exactly and accumulates in float32.
 template <int MR, int NR>
-MOB_AVX512 void tile_bf16(const void* const* a, const void* const* b, int64_t d, float* out, int64_t ld) {
+MOB_AVX512 void tile_bf16(const void* const* a, const void* const* b, int64_t off, int64_t d, float* out, int64_t ld,
+                          bool add) {
   __m512 acc[MR][NR];
+  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < d; i += 32) {
+  for (int64_t i = off; i < d; i += 32) {
     const __mmask32 m = d - i >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (d - i)) - 1u);
     __m512bh av[MR];
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
       av[r] = (__m512bh)_mm512_maskz_loadu_epi16(m, static_cast<const uint16_t*>(a[r]) + i);
+    #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) {
       const __m512bh bv = (__m512bh)_mm512_maskz_loadu_epi16(m, static_cast<const uint16_t*>(b[c]) + i);
+      #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av[r], bv);
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) out[r * ld + c] = _mm512_reduce_add_ps(acc[r][c]);
+    #pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) out[r * ld + c] = (add ? out[r * ld + c] : 0.f) + _mm512_reduce_add_ps(acc[r][c]);
 }
 
-using TileFn = void (*)(const void* const*, const void* const*, int64_t, float*, int64_t);
+// Dot products over elements [off, d) of each row; add = accumulate into out instead of overwriting.
+using TileFn = void (*)(const void* const*, const void* const*, int64_t, int64_t, float*, int64_t, bool);
 
 template <int MR, int NR>
 TileFn pick_tile(DType t, bool bf16_dot) {
@@ -103,6 +120,7 @@ TileFn pick_tile(DType t, bool bf16_dot) {
 
 // Register tile 4 x 6: 24 accumulators + 4 row operands + 1 column operand fit in the 32 zmm registers.
 constexpr int MR = 4, NR = 6;
+constexpr int64_t kChunk = 1024;
 
 struct Isa {
   bool avx512 = false, bf16 = false;
@@ -124,15 +142,14 @@ const Isa& isa() {
 
 // Edge tiles dispatch on the actual block size so every call does exactly na x nb dots.
 template <int R, int C>
-void edge(DType t, bool bf, const void* const* a, const void* const* b, int64_t d, float* out, int64_t ld, int64_t nr,
-          int64_t nc) {
+TileFn edge(DType t, bool bf, int64_t nr, int64_t nc) {
   if constexpr (R > 1) {
-    if (nr < R) return edge<R - 1, C>(t, bf, a, b, d, out, ld, nr, nc);
+    if (nr < R) return edge<R - 1, C>(t, bf, nr, nc);
   }
   if constexpr (C > 1) {
-    if (nc < C) return edge<R, C - 1>(t, bf, a, b, d, out, ld, nr, nc);
+    if (nc < C) return edge<R, C - 1>(t, bf, nr, nc);
   }
-  pick_tile<R, C>(t, bf)(a, b, d, out, ld);
+  return pick_tile<R, C>(t, bf);
 }
 
 }  // namespace
@@ -146,15 +163,16 @@ void dot_tile(DType t, const void* const* a, int64_t na, const void* const* b, i
   }
   if (!isa().avx512) return dot_tile_portable(t, a, na, b, nb, d, out, ld);
   const bool bf = isa().bf16;
-  for (int64_t r = 0; r < na; r += MR) {
-    const int64_t nr = std::min<int64_t>(MR, na - r);
-    for (int64_t c = 0; c < nb; c += NR) {
-      const int64_t nc = std::min<int64_t>(NR, nb - c);
-      float* o = out + r * ld + c;
-      if (nr == MR && nc == NR)
-        pick_tile<MR, NR>(t, bf)(a + r, b + c, d, o, ld);
-      else
-        edge<MR, NR>(t, bf, a + r, b + c, d, o, ld, nr, nc);
+  // d in chunks of kChunk elements: the a and b rows of one chunk stay in L1/L2 while all tiles pass over them.
+  for (int64_t off = 0; off < d; off += kChunk) {
+    const int64_t end = std::min(d, off + kChunk);
+    for (int64_t r = 0; r < na; r += MR) {
+      const int64_t nr = std::min<int64_t>(MR, na - r);
+      for (int64_t c = 0; c < nb; c += NR) {
+        const int64_t nc = std::min<int64_t>(NR, nb - c);
+        const TileFn tile = nr == MR && nc == NR ? pick_tile<MR, NR>(t, bf) : edge<MR, NR>(t, bf, nr, nc);
+        tile(a + r, b + c, off, end, out + r * ld + c, ld, off > 0);
+      }
     }
   }
 }

@@ -31,7 +31,7 @@ void seed_distances(DType t, const std::vector<const void*>& rows, const float* 
   for (int64_t s = 0; s < S; ++s) srows[static_cast<size_t>(s)] = rows[static_cast<size_t>(seeds[s])];
   constexpr int64_t kRows = 24, kSeeds = 48;  // a block of rows stays in L2 while the seeds stream past
   const int64_t nblk = (N + kRows - 1) / kRows;
-#pragma omp parallel if (parallel && N * S * d >= (1 << 20))
+#pragma omp parallel if (parallel && N * S * d >= kParallelWork)
   {
     std::vector<float> buf(kRows * kSeeds);
 #pragma omp for schedule(static)
@@ -50,11 +50,13 @@ void seed_distances(DType t, const std::vector<const void*>& rows, const float* 
 
 }  // namespace
 
-void fps_sample(int64_t b, int64_t N, int64_t d, const Features& vis, const int64_t* seed, int64_t m,
-                int64_t num_picks, int64_t k, int64_t* out, bool parallel) {
+void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64_t* seed, int64_t m, int64_t num_picks,
+                int64_t k, int64_t* out, bool parallel) {
   std::fill(out, out + k, int64_t{-1});
   if (k <= 0 || N <= 0) return;
-  const std::vector<const void*> rows = rows_of(vis, b, N);
+  const std::vector<const void*>& rows = v.rows;
+  const std::vector<float>& norm = v.norm;
+  const std::vector<float>& inv = v.inv;
   std::vector<uint8_t> taken(static_cast<size_t>(N), 0);
   std::vector<int64_t> seeds;  // distinct, in range
   for (int64_t s = 0; s < m; ++s)
@@ -65,8 +67,6 @@ void fps_sample(int64_t b, int64_t N, int64_t d, const Features& vis, const int6
   const int64_t n = std::min({std::max<int64_t>(num_picks, 0), k, N - static_cast<int64_t>(seeds.size())});
   if (n <= 0) return;
 
-  std::vector<float> norm(N), inv(N);
-  inverse_norms(vis.dtype, rows, d, norm.data(), inv.data(), parallel);
   int64_t t = 0;
   if (seeds.empty()) {  // first pick: the largest raw norm, NaN ranking lowest
     int64_t best = 0;
@@ -78,7 +78,7 @@ void fps_sample(int64_t b, int64_t N, int64_t d, const Features& vis, const int6
     seeds.push_back(best);
   }
   std::vector<float> dist(N, INFINITY);
-  seed_distances(vis.dtype, rows, inv.data(), seeds, d, dist.data(), parallel);
+  seed_distances(dtype, rows, inv.data(), seeds, d, dist.data(), parallel);
 
   std::vector<Entry> heap;
   heap.reserve(static_cast<size_t>(N));
@@ -94,7 +94,7 @@ void fps_sample(int64_t b, int64_t N, int64_t d, const Features& vis, const int6
     while (seen[heap.front().idx] != C) {
       const int64_t i = heap.front().idx, from = seen[i], cnt = C - from;
       dots.resize(static_cast<size_t>(cnt));
-      dot_tile(vis.dtype, &rows[static_cast<size_t>(i)], 1, centre_rows.data() + from, cnt, d, dots.data(), cnt);
+      dot_tile(dtype, &rows[static_cast<size_t>(i)], 1, centre_rows.data() + from, cnt, d, dots.data(), cnt);
       for (int64_t c = 0; c < cnt; ++c) dist[i] = nan_min(dist[i], 1.0f - dots[c] * inv[i] * inv[centres[from + c]]);
       seen[i] = C;
       std::pop_heap(heap.begin(), heap.end(), heap_less);
@@ -115,7 +115,9 @@ void fps_sample(int64_t b, int64_t N, int64_t d, const Features& vis, const int6
 
 void mob::farthest_point_sample_cpu(int64_t B, int64_t N, int64_t d, Features vis, const int64_t* seed, int64_t m,
                                     const int64_t* num_picks, int64_t k, int64_t* out) {
+  cpu::check_sizes(B, N, 0, d, 0, k, 0);
   cpu::for_each_sample(B, [&](int64_t b, bool parallel) {
-    cpu::fps_sample(b, N, d, vis, seed + b * m, m, num_picks[b], k, out + b * k, parallel);
+    const cpu::VisRows v(vis, b, N, d, parallel);
+    cpu::fps_sample(N, d, vis.dtype, v, seed + b * m, m, num_picks[b], k, out + b * k, parallel);
   });
 }

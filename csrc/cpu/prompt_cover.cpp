@@ -35,7 +35,7 @@ int64_t top_finite(const float* x, int64_t n, int64_t m, int64_t* out) {
 
 void inverse_norms(DType t, const std::vector<const void*>& rows, int64_t d, float* norm, float* inv, bool parallel) {
   const int64_t n = static_cast<int64_t>(rows.size());
-#pragma omp parallel for schedule(static) if (parallel && n * d >= (1 << 16))
+#pragma omp parallel for schedule(static) if (parallel && n * d >= kParallelWork)
   for (int64_t i = 0; i < n; ++i) {
     float sq;
     dot_tile(t, &rows[static_cast<size_t>(i)], 1, &rows[static_cast<size_t>(i)], 1, d, &sq, 1);
@@ -44,8 +44,9 @@ void inverse_norms(DType t, const std::vector<const void*>& rows, int64_t d, flo
   }
 }
 
-int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Features& vis, const Features& prompt,
-                            const bool* mask, int64_t k_p, int64_t fold, int64_t* picks, bool parallel) {
+int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Features& vis, const VisRows& v,
+                            const Features& prompt, const bool* mask, int64_t k_p, int64_t fold, int64_t* picks,
+                            bool parallel) {
   std::fill(picks, picks + k_p, int64_t{-1});
   std::vector<const void*> prows;
   for (int64_t j = 0; j < L; ++j)
@@ -54,19 +55,17 @@ int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Fe
   if (k_p == 0 || N == 0 || Lv == 0) return 0;
   const int64_t f = std::min(N, fold > 0 ? fold : std::max<int64_t>(1, (k_p + Lv - 1) / Lv));
 
-  const std::vector<const void*> vrows = rows_of(vis, b, N);
-  std::vector<float> vnorm(N), vinv(N), pnorm(Lv), pinv(Lv), sim(static_cast<size_t>(Lv * N));
-  inverse_norms(vis.dtype, vrows, d, vnorm.data(), vinv.data(), parallel);
+  std::vector<float> pnorm(Lv), pinv(Lv), sim(static_cast<size_t>(Lv * N));
   inverse_norms(prompt.dtype, prows, d, pnorm.data(), pinv.data(), parallel);
 
   constexpr int64_t kBlock = 24;  // visual rows per block: 24 x 4096 float32 = 384 KiB, resident in L2
   const int64_t nblk = (N + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (parallel && Lv * N * d >= (1 << 20))
+#pragma omp parallel for schedule(static) if (parallel && Lv * N * d >= kParallelWork)
   for (int64_t blk = 0; blk < nblk; ++blk) {
     const int64_t i0 = blk * kBlock, n = std::min(kBlock, N - i0);
-    dot_tile(vis.dtype, prows.data(), Lv, vrows.data() + i0, n, d, sim.data() + i0, N);
+    dot_tile(vis.dtype, prows.data(), Lv, v.rows.data() + i0, n, d, sim.data() + i0, N);
     for (int64_t j = 0; j < Lv; ++j)
-      for (int64_t i = i0; i < i0 + n; ++i) sim[j * N + i] *= pinv[j] * vinv[i];
+      for (int64_t i = i0; i < i0 + n; ++i) sim[j * N + i] *= pinv[j] * v.inv[i];
   }
 
   std::vector<float> cover(N, -INFINITY);
@@ -84,7 +83,9 @@ int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Fe
 
 void mob::prompt_cover_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt,
                            const bool* mask, int64_t k_p, int64_t fold, int64_t* picks, int64_t* count) {
+  cpu::check_sizes(B, N, L, d, k_p, k_p, fold);
   cpu::for_each_sample(B, [&](int64_t b, bool parallel) {
-    count[b] = cpu::prompt_cover_sample(b, N, L, d, vis, prompt, mask, k_p, fold, picks + b * k_p, parallel);
+    const cpu::VisRows v(vis, b, N, d, parallel);
+    count[b] = cpu::prompt_cover_sample(b, N, L, d, vis, v, prompt, mask, k_p, fold, picks + b * k_p, parallel);
   });
 }
