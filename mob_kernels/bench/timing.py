@@ -1,0 +1,111 @@
+"""Timers: wall clock on the CPU, device time (CUDA events) on a GPU; both report median and interquartile range.
+
+Each measurement warms up first (the first call pays for lazy initialisation, allocator growth, Triton compilation),
+then repeats until it has at least ``min_repeats`` samples and has spent ``budget_s`` seconds, or reached
+``max_repeats``. A call slower than ``budget_s`` therefore gets exactly ``min_repeats`` samples, which keeps the slow
+baselines (the reference at N = 4096, fpsample at N = 2880) from dominating a run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+    warmup: int
+    timer: str  # "perf_counter" (host wall clock) or "cuda_event" (device time)
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.q3_ms - self.q1_ms
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "iqr_ms": self.iqr_ms}
+
+
+def summarize(samples_ms: list[float], *, warmup: int, timer: str) -> Timing:
+    """Median, quartiles (inclusive method: the quartiles of 3 samples are the midpoints), min and max of samples."""
+    if not samples_ms:
+        raise ValueError("summarize needs at least one sample")
+    s = sorted(samples_ms)
+    if len(s) == 1:
+        q1 = q3 = s[0]
+    else:
+        q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive")
+    return Timing(statistics.median(s), q1, q3, s[0], s[-1], len(s), warmup, timer)
+
+
+@dataclass(frozen=True)
+class Policy:
+    warmup: int = 2
+    min_repeats: int = 3
+    max_repeats: int = 50
+    budget_s: float = 0.5
+
+    def slow_warmup(self, first_call_s: float) -> int:
+        # One warm-up call suffices for anything that takes longer than the whole budget.
+        return 1 if first_call_s >= self.budget_s else self.warmup
+
+
+def time_host(fn: Callable[[], object], policy: Policy = Policy()) -> Timing:
+    """Wall-clock time of ``fn()`` (CPU backends and CPU peers)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    warmup = policy.slow_warmup(first)
+    for _ in range(warmup - 1):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < policy.max_repeats and (
+        len(samples) < policy.min_repeats or time.perf_counter() - start < policy.budget_s
+    ):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return summarize(samples, warmup=warmup, timer="perf_counter")
+
+
+def time_cuda(fn: Callable[[], object], policy: Policy = Policy()) -> Timing:
+    """Device time of ``fn()`` from CUDA events around each call (one synchronisation at the end, so launches of
+    consecutive calls overlap the way they do in a model). A host sync inside ``fn`` (``.item()``) is included."""
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    warmup = policy.slow_warmup(first)
+    for _ in range(warmup - 1):
+        fn()
+    torch.cuda.synchronize()
+    # Size the run from the (warm) cost of one call: budget_s worth of calls within [min_repeats, max_repeats].
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    per_call = max(time.perf_counter() - t0, 1e-6)
+    n = int(min(policy.max_repeats, max(policy.min_repeats, policy.budget_s / per_call)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], warmup=warmup + 1, timer="cuda_event")
+
+
+def time_fn(fn: Callable[[], object], device: str, policy: Policy = Policy()) -> Timing:
+    """Device time on CUDA, wall-clock time otherwise."""
+    return time_cuda(fn, policy) if str(device).startswith("cuda") else time_host(fn, policy)
