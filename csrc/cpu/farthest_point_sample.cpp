@@ -13,7 +13,8 @@
 namespace mob::cpu {
 namespace {
 
-constexpr float kNanRank = -3.0f;  // finite cosine distances lie in [0, 2] up to rounding
+constexpr float kNanRank = -3.0f;
+constexpr int64_t kBatch = 8;  // stale tokens refreshed together (two 4-row register tiles)  // finite cosine distances lie in [0, 2] up to rounding
 inline float rank_key(float dist) { return std::isnan(dist) ? kNanRank : dist; }
 
 struct Entry {
@@ -89,17 +90,34 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
   std::vector<const void*> centre_rows;
   std::vector<int64_t> seen(N, 0);          // how many of centres each token's dist accounts for
   std::vector<float> dots;
+  std::vector<int64_t> stale;
   for (; t < n; ++t) {
     const int64_t C = static_cast<int64_t>(centres.size());
     while (seen[heap.front().idx] != C) {
-      const int64_t i = heap.front().idx, from = seen[i], cnt = C - from;
-      dots.resize(static_cast<size_t>(cnt));
-      dot_tile(dtype, &rows[static_cast<size_t>(i)], 1, centre_rows.data() + from, cnt, d, dots.data(), cnt);
-      for (int64_t c = 0; c < cnt; ++c) dist[i] = nan_min(dist[i], 1.0f - dots[c] * inv[i] * inv[centres[from + c]]);
-      seen[i] = C;
-      std::pop_heap(heap.begin(), heap.end(), heap_less);
-      heap.back().key = rank_key(dist[i]);
-      std::push_heap(heap.begin(), heap.end(), heap_less);
+      // Refresh the stale head of the heap in a batch of up to kBatch tokens: one register-tiled pass over the
+      // centres they missed instead of kBatch single-row passes. Re-applying a centre a token has already seen
+      // changes nothing (min is idempotent), so the batch starts from the smallest `seen` among them.
+      stale.clear();
+      int64_t from = C;
+      while (!heap.empty() && static_cast<int64_t>(stale.size()) < kBatch && seen[heap.front().idx] != C) {
+        stale.push_back(heap.front().idx);
+        from = std::min(from, seen[heap.front().idx]);
+        std::pop_heap(heap.begin(), heap.end(), heap_less);
+        heap.pop_back();
+      }
+      const int64_t R = static_cast<int64_t>(stale.size()), cnt = C - from;
+      std::vector<const void*> srows(static_cast<size_t>(R));
+      for (int64_t r = 0; r < R; ++r) srows[static_cast<size_t>(r)] = rows[static_cast<size_t>(stale[r])];
+      dots.resize(static_cast<size_t>(R * cnt));
+      dot_tile(dtype, srows.data(), R, centre_rows.data() + from, cnt, d, dots.data(), cnt);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t i = stale[r];
+        for (int64_t c = 0; c < cnt; ++c)
+          dist[i] = nan_min(dist[i], 1.0f - dots[r * cnt + c] * inv[i] * inv[centres[from + c]]);
+        seen[i] = C;
+        heap.push_back({rank_key(dist[i]), i});
+        std::push_heap(heap.begin(), heap.end(), heap_less);
+      }
     }
     const int64_t pick = heap.front().idx;
     std::pop_heap(heap.begin(), heap.end(), heap_less);
