@@ -1,0 +1,69 @@
+"""Draw what MoB kept: the kept patches of one image over the image itself, as a PIL image (and optionally a PNG).
+
+A :class:`~mob_kernels.integrations.hf.KeptImage` holds token indices in row-major order over the projector's patch
+grid (LLaVA-1.5: 24 x 24 over the 336 x 336 input; Qwen2-VL: ``(h / merge) x (w / merge)``). The picture is the image
+resized to the model's input view, dropped patches dimmed, prompt-cover picks outlined in one colour and
+farthest-point-sampling picks in another, so both halves of the MoB budget can be told apart.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+PROMPT_COLOUR = (255, 140, 0)  # orange: chosen by the prompt cover
+FPS_COLOUR = (0, 200, 255)  # cyan: chosen by farthest point sampling
+
+
+def draw_kept_patches(image, kept, *, grid: tuple[int, int] | None = None, size: int | tuple[int, int] | None = None,
+                      dim: float = 0.3, path: str | os.PathLike | None = None):
+    """Return (and save to ``path`` as PNG when given) ``image`` with the patches not in ``kept`` dimmed.
+
+    ``image``: a PIL image or an ``[H, W, 3]`` uint8 array / tensor. ``kept``: a ``KeptImage`` (or anything with
+    ``indices``, ``from_prompt`` and ``num_tokens``). ``grid``: (rows, cols) of the patch grid; default a square grid
+    of ``num_tokens``. ``size``: the model's input view to resize to first (LLaVA-1.5: 336); default: no resize.
+    ``dim``: brightness left to dropped patches (0 = black)."""
+    from PIL import Image, ImageDraw
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(torch.as_tensor(image).to(torch.uint8).cpu().numpy())
+    image = image.convert("RGB")
+    if size is not None:
+        image = image.resize((size, size) if isinstance(size, int) else tuple(size), Image.BICUBIC)
+    n = int(kept.num_tokens)
+    if grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"{n} tokens are not a square grid; pass grid=(rows, cols)")
+        grid = (side, side)
+    rows, cols = grid
+    if rows * cols != n:
+        raise ValueError(f"grid {grid} has {rows * cols} cells but the image has {n} tokens")
+    if not 0.0 <= dim <= 1.0:
+        raise ValueError(f"dim must be in [0, 1], got {dim}")
+
+    W, H = image.size
+    # Cell edges by rounding, so the cells tile the image exactly whatever its size.
+    xs = [round(c * W / cols) for c in range(cols + 1)]
+    ys = [round(r * H / rows) for r in range(rows + 1)]
+    kept_set = {int(i) for i in kept.indices}
+    from_prompt = {int(i) for i, p in zip(kept.indices, kept.from_prompt) if bool(p)}
+
+    out = image.copy()
+    dark = Image.eval(image, lambda v: int(v * dim))
+    for cell in range(n):
+        if cell not in kept_set:
+            r, c = divmod(cell, cols)
+            box = (xs[c], ys[r], xs[c + 1], ys[r + 1])
+            out.paste(dark.crop(box), box)
+    pen = ImageDraw.Draw(out)
+    width = max(1, min(W // cols, H // rows) // 12)
+    for cell in sorted(kept_set):
+        r, c = divmod(cell, cols)
+        colour = PROMPT_COLOUR if cell in from_prompt else FPS_COLOUR
+        pen.rectangle((xs[c], ys[r], xs[c + 1] - 1, ys[r + 1] - 1), outline=colour, width=width)
+    if path is not None:
+        out.save(path, format="PNG")
+    return out

@@ -1,0 +1,441 @@
+"""MoB inside transformers models: tiny random models built from configs (nothing downloaded).
+
+The no-cache reference below re-implements "the pruned sequence" independently of the hooks: it runs the language
+model's own decoder layers by hand (layers < l on the whole sequence, layers >= l on the kept tokens plus the generated
+ones) and compares greedy tokens with the hooked ``generate()`` that runs on the KV cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+import mob_kernels  # noqa: E402
+from mob_kernels.integrations import (  # noqa: E402
+    FPS_COLOUR,
+    PROMPT_COLOUR,
+    UnsupportedModelError,
+    apply_mob,
+    draw_kept_patches,
+    paper_prompt_budget,
+)
+
+IMG = 127  # LLaVA image token
+N_LLAVA = 16  # image tokens per 56 x 56 image
+Q_IMG, Q_VID, Q_START, Q_END = 150, 151, 152, 153
+
+_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2)
+_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=14)
+_QTEXT = dict(_TEXT, vocab_size=160,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]})
+
+
+@pytest.fixture(scope="module")
+def llava():
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(image_size=56, **_CLIP), text_config=LlamaConfig(**_TEXT),
+                      image_token_index=IMG, image_seq_length=N_LLAVA, vision_feature_layer=-1,
+                      vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    torch.manual_seed(1)
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=28, **_CLIP), text_config=LlamaConfig(**_TEXT),
+                          image_token_index=IMG, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+                          vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return LlavaNextForConditionalGeneration(cfg).eval()
+
+
+def _qwen(cls, cfg_cls, seed, **vision):
+    torch.manual_seed(seed)
+    vis = dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision)
+    cfg = cfg_cls(text_config=_QTEXT, vision_config=vis, image_token_id=Q_IMG, video_token_id=Q_VID,
+                  vision_start_token_id=Q_START, vision_end_token_id=Q_END)
+    return cls(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    return _qwen(Qwen2VLForConditionalGeneration, Qwen2VLConfig, 2, embed_dim=32, hidden_size=64)
+
+
+@pytest.fixture(scope="module")
+def qwen25():
+    return _qwen(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, 3, hidden_size=32, out_hidden_size=64,
+                 intermediate_size=64, fullatt_block_indexes=[1], window_size=56)
+
+
+def llava_inputs(texts_before, texts_after, n_images=1, seed=0):
+    """One row: text, n_images images (each a run of 16 image tokens, separated by a text token), text."""
+    g = torch.Generator().manual_seed(seed)
+    ids = list(texts_before)
+    for i in range(n_images):
+        ids += [IMG] * N_LLAVA + ([40 + i] if i + 1 < n_images else [])
+    ids += list(texts_after)
+    return torch.tensor([ids]), torch.randn(n_images, 3, 56, 56, generator=g)
+
+
+def qwen_inputs(after=(7, 8, 9, 10, 11), grid=(1, 8, 8), video=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t, h, w = grid
+    n = t * h * w // 4
+    tok = Q_VID if video else Q_IMG
+    ids = torch.tensor([[1, 2, Q_START] + [tok] * n + [Q_END, *after]])
+    px = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g)
+    grid_t = torch.tensor([list(grid)])
+    if video:
+        kw = dict(pixel_values_videos=px, video_grid_thw=grid_t)
+    else:
+        kw = dict(pixel_values=px, image_grid_thw=grid_t)
+    # 5.x needs the token types whenever a grid is given (1 = image, 2 = video).
+    return dict(input_ids=ids, mm_token_type_ids=(ids == tok).int() * (2 if video else 1), **kw), n
+
+
+def logits(model, **kw):
+    with torch.no_grad():
+        return model(**kw).logits
+
+
+# --------------------------------------------------------------------------------------------- exactness and remove
+
+
+@pytest.mark.parametrize("mode", ["layer", "input"])
+def test_keep_all_is_exact_and_remove_restores_llava(llava, mode):
+    ids, px = llava_inputs([1, 5, 6], [7, 8, 9, 10, 11], n_images=2)
+    ref = logits(llava, input_ids=ids, pixel_values=px)
+    with apply_mob(llava, budget=N_LLAVA, mode=mode) as h:
+        assert torch.equal(logits(llava, input_ids=ids, pixel_values=px), ref)
+        assert h.keep_index.shape == (1, ids.shape[1])
+    h = apply_mob(llava, budget=4, mode=mode)
+    pruned = logits(llava, input_ids=ids, pixel_values=px)
+    assert pruned.shape[1] == ids.shape[1] - 2 * (N_LLAVA - 4)
+    assert not torch.allclose(pruned[:, -1], ref[:, -1])
+    h.remove()
+    assert torch.equal(logits(llava, input_ids=ids, pixel_values=px), ref)
+    assert not llava.model._forward_pre_hooks and not llava.model.language_model._forward_pre_hooks
+    assert all(not layer._forward_pre_hooks for layer in llava.model.language_model.layers)
+
+
+def test_keep_all_is_exact_llava_next(llava_next):
+    ids = torch.tensor([[1, 5] + [IMG] * 14 + [7, 8, 9]])  # base 2x2 + 1x2 tiles of 2x2 + 2 newline tokens = 14
+    kw = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 3, 28, 28), image_sizes=torch.tensor([[50, 100]]))
+    ref = logits(llava_next, **kw)
+    with apply_mob(llava_next, budget=14):
+        assert torch.equal(logits(llava_next, **kw), ref)
+    with apply_mob(llava_next, budget=5) as h:
+        assert logits(llava_next, **kw).shape[1] == ids.shape[1] - 9
+        assert h.kept[0][0].num_tokens == 14 and len(h.kept[0][0].indices) == 5
+    assert torch.equal(logits(llava_next, **kw), ref)
+
+
+@pytest.mark.parametrize("which", ["qwen2", "qwen25"])
+@pytest.mark.parametrize("mode", ["layer", "input"])
+def test_keep_all_is_exact_and_remove_restores_qwen(request, which, mode):
+    model = request.getfixturevalue(which)
+    kw, n = qwen_inputs()
+    ref = logits(model, **kw)
+    with apply_mob(model, budget=n, mode=mode):
+        assert torch.equal(logits(model, **kw), ref)
+    with apply_mob(model, budget=4, mode=mode):
+        assert logits(model, **kw).shape[1] == kw["input_ids"].shape[1] - (n - 4)
+    assert torch.equal(logits(model, **kw), ref)
+
+
+# ------------------------------------------------------------------------------------- generate == no-cache reference
+
+
+def _capture_lm_inputs(model, **kw):
+    """The language model's inputs (merged embeddings, position ids) of an unhooked forward."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], pos=kwargs.get("position_ids"))
+
+    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        logits(model, **kw)
+    finally:
+        hook.remove()
+    return seen["embeds"], seen["pos"]
+
+
+def _reference_logits(model, embeds, pos, keep, gen, *, layer, mode, compact):
+    """Last-token logits of the pruned sequence, without any cache and without the hooks."""
+    lm = model.model.language_model
+    L = embeds.shape[1]
+    x = torch.cat([embeds, lm.embed_tokens(gen)], dim=1) if gen.numel() else embeds
+    T = x.shape[1]
+    mrope = pos.dim() == 3
+    idx = torch.cat([keep[0], torch.arange(L, T)])
+    if compact:
+        kept_pos = torch.arange(idx.numel()).unsqueeze(0)
+    else:
+        kept_pos = pos[..., idx]
+
+    def run(h, layers, p):
+        cs = lm.rotary_emb(h, p)
+        for blk in layers:
+            # No mask: sdpa's is_causal is exact for a single unpadded row in order.
+            h = blk(h, attention_mask=None, position_embeddings=cs, position_ids=None if mrope else p)
+        return h
+
+    first = layer if mode == "layer" else 0
+    if first:
+        x = run(x, lm.layers[:first], pos)
+    x = run(x[:, idx], lm.layers[first:], kept_pos)
+    return model.lm_head(lm.norm(x[:, -1]))
+
+
+def _extend_positions(pos, steps):
+    """Decode positions continue from the original prompt: last + 1 per new token (all three M-RoPE rows alike)."""
+    last = pos[..., -1:]
+    return torch.cat([pos, last + torch.arange(1, steps + 1)], dim=-1)
+
+
+@pytest.mark.parametrize(
+    "mode, positions",
+    [("layer", "keep"), ("layer", "compact"), ("input", "keep"), ("input", "compact")],
+)
+def test_generate_with_cache_equals_no_cache_loop_llava(llava, mode, positions):
+    ids, px = llava_inputs([1, 5, 6], [7, 8, 9, 10, 11], n_images=2, seed=3)
+    embeds, _ = _capture_lm_inputs(llava, input_ids=ids, pixel_values=px)
+    steps = 6
+    with apply_mob(llava, budget=5, mode=mode, positions=positions) as h, torch.no_grad():
+        out = llava.generate(input_ids=ids, pixel_values=px, max_new_tokens=steps, do_sample=False)
+        keep = h.keep_index
+    gen = out[:, ids.shape[1]:]
+    assert gen.shape[1] == steps
+    pos = _extend_positions(torch.arange(ids.shape[1]).unsqueeze(0), steps)
+    with torch.no_grad():
+        for t in range(steps):
+            ref = _reference_logits(llava, embeds, pos[:, : ids.shape[1] + t], keep, gen[:, :t], layer=2,
+                                    mode=mode, compact=positions == "compact")
+            assert int(ref.argmax(-1)) == int(gen[0, t]), f"step {t}"
+
+
+@pytest.mark.parametrize("which, mode", [("qwen2", "layer"), ("qwen25", "input")])
+def test_generate_with_cache_equals_no_cache_loop_qwen(request, which, mode):
+    model = request.getfixturevalue(which)
+    kw, n = qwen_inputs(seed=5)
+    L = kw["input_ids"].shape[1]
+    embeds, pos = _capture_lm_inputs(model, **kw)
+    assert pos.shape == (3, 1, L)
+    steps = 5
+    with apply_mob(model, budget=6, layer=1, mode=mode) as h, torch.no_grad():
+        out = model.generate(**kw, max_new_tokens=steps, do_sample=False)
+        keep = h.keep_index
+    gen = out[:, L:]
+    pos = _extend_positions(pos, steps)
+    with torch.no_grad():
+        for t in range(steps):
+            ref = _reference_logits(model, embeds, pos[..., : L + t], keep, gen[:, :t], layer=1, mode=mode,
+                                    compact=False)
+            assert int(ref.argmax(-1)) == int(gen[0, t]), f"step {t}"
+
+
+def test_generate_sampling_and_qwen2_video(qwen2):
+    kw, n = qwen_inputs(grid=(2, 8, 8), video=True, seed=7)  # 2 temporal patches -> 32 video tokens
+    assert n == 32
+    with apply_mob(qwen2, budget=0.25) as h, torch.no_grad():
+        torch.manual_seed(0)
+        out = qwen2.generate(**kw, max_new_tokens=4, do_sample=True, top_k=5)
+        assert h.kept[0][0].num_tokens == 32 and len(h.kept[0][0].indices) == 8
+        assert h.keep_index.shape[1] == kw["input_ids"].shape[1] - 24
+    assert out.shape == (1, kw["input_ids"].shape[1] + 4)
+
+
+# ---------------------------------------------------------------------------------------------- batches and lengths
+
+
+def test_left_padded_batch_equals_rows_alone(llava):
+    rows = [llava_inputs([1, 5, 6], [7, 8, 9, 10, 11, 12, 13], seed=11), llava_inputs([1], [20, 21, 22], seed=12)]
+    width = max(r[0].shape[1] for r in rows)
+    pad = 0
+    ids = torch.stack([torch.nn.functional.pad(r[0][0], (width - r[0].shape[1], 0), value=pad) for r in rows])
+    mask = torch.stack([torch.nn.functional.pad(torch.ones(r[0].shape[1], dtype=torch.long),
+                                                (width - r[0].shape[1], 0)) for r in rows])
+    px = torch.cat([r[1] for r in rows])
+    with apply_mob(llava, budget=6, mode="layer") as h, torch.no_grad():
+        batch_out = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=5,
+                                   do_sample=False)
+        batch_keep = h.keep_index.clone()
+        batch_logits = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
+        for b, (row_ids, row_px) in enumerate(rows):
+            offset = width - row_ids.shape[1]
+            alone = llava.generate(input_ids=row_ids, pixel_values=row_px, max_new_tokens=5, do_sample=False)
+            assert torch.equal(batch_out[b, width:], alone[0, row_ids.shape[1]:])
+            # The row's kept positions are the lone run's, shifted by its padding (padding itself is kept).
+            real = batch_keep[b][batch_keep[b] >= offset] - offset
+            assert torch.equal(real, h.keep_index[0])
+            alone_logits = llava(input_ids=row_ids, pixel_values=row_px).logits[:, -1]
+            torch.testing.assert_close(batch_logits[b], alone_logits[0], atol=1e-5, rtol=1e-5)
+
+
+def _record_lengths(model):
+    seen, hooks = {}, []
+    for i, blk in enumerate(model.model.language_model.layers):
+        hooks.append(blk.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]),
+            with_kwargs=True))
+    return seen, hooks
+
+
+@pytest.mark.parametrize("budget, per_image", [(5, 5), (0.25, 4)])
+def test_layers_from_l_see_text_plus_budget_per_image(llava, budget, per_image):
+    ids, px = llava_inputs([1, 5, 6], [7, 8, 9], n_images=3)
+    n_text = int((ids != IMG).sum())
+    with apply_mob(llava, budget=budget, layer=2) as h:
+        seen, hooks = _record_lengths(llava)  # registered after apply_mob: they see what the layers get
+        try:
+            logits(llava, input_ids=ids, pixel_values=px)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        assert seen == {0: ids.shape[1], 1: ids.shape[1], 2: n_text + 3 * per_image, 3: n_text + 3 * per_image}
+        assert [len(r.indices) for r in h.kept[0]] == [per_image] * 3
+        # The record and the kept positions agree: each image's kept tokens sit at start + indices.
+        kept = torch.cat([r.start + r.indices for r in h.kept[0]])
+        img_keep = h.keep_index[0][ids[0, h.keep_index[0]] == IMG]
+        assert torch.equal(kept, img_keep)
+
+
+def test_record_splits_prompt_cover_and_fps(llava):
+    ids, px = llava_inputs([1, 5], [7, 8, 9, 10], seed=4)
+    with apply_mob(llava, budget=8, prompt_budget=3) as h:
+        logits(llava, input_ids=ids, pixel_values=px)
+        rec = h.kept[0][0]
+    assert len(rec.indices) == 8 and int(rec.from_prompt.sum()) == 3
+    assert torch.equal(torch.sort(torch.cat([rec.prompt_indices, rec.fps_indices])).values, rec.indices)
+    assert paper_prompt_budget(64) == 32 and paper_prompt_budget(128) == 48 and paper_prompt_budget(192) == 64
+
+
+def test_rows_with_different_image_layouts_raise(llava):
+    a, pa = llava_inputs([1, 5, 6], [7, 8], n_images=2)
+    b, pb = llava_inputs(list(range(1, 21)), [7, 8], n_images=1)
+    assert a.shape == b.shape
+    with apply_mob(llava, budget=4), pytest.raises(ValueError, match="same images"):
+        logits(llava, input_ids=torch.cat([a, b]), pixel_values=torch.cat([pa, pb]))
+
+
+# ----------------------------------------------------------------------------------------------------- Qwen M-RoPE
+
+
+@pytest.mark.parametrize("which", ["qwen2", "qwen25"])
+@pytest.mark.parametrize("mode", ["layer", "input"])
+def test_qwen_kept_tokens_keep_their_mrope_positions(request, which, mode):
+    model = request.getfixturevalue(which)
+    kw, n = qwen_inputs(seed=9)
+    _, pos = _capture_lm_inputs(model, **kw)
+    assert not torch.equal(pos[1], pos[2])  # a real 2-D grid, so a wrong gather would show
+    lm = model.model.language_model
+    seen = {}
+    with apply_mob(model, budget=5, layer=2, mode=mode) as h:
+        if mode == "input":
+            hook = lm.register_forward_pre_hook(lambda m, a, k: seen.update(pos=k["position_ids"]), with_kwargs=True)
+        else:
+            hook = lm.layers[3].register_forward_pre_hook(
+                lambda m, a, k: seen.update(cs=k["position_embeddings"]), with_kwargs=True)
+        try:
+            logits(model, **kw)
+        finally:
+            hook.remove()
+        keep = h.keep_index
+    assert keep.shape[1] == kw["input_ids"].shape[1] - (n - 5)
+    if mode == "input":
+        assert torch.equal(seen["pos"], pos[..., keep[0]])
+    else:
+        x = torch.zeros(1, keep.shape[1], 64)
+        cos, sin = lm.rotary_emb(x, pos[..., keep[0]])
+        assert torch.equal(seen["cs"][0], cos) and torch.equal(seen["cs"][1], sin)
+
+
+def test_qwen_compact_positions_refused(qwen2):
+    with pytest.raises(ValueError, match="compact"):
+        apply_mob(qwen2, positions="compact")
+
+
+# ----------------------------------------------------------------------------------------------------------- errors
+
+
+def test_unsupported_model_and_version_fail_loudly(llava, monkeypatch):
+    lm = transformers.LlamaForCausalLM(LlamaConfig(**_TEXT))
+    with pytest.raises(UnsupportedModelError, match="model_type='llama'"):
+        apply_mob(lm)
+    with pytest.raises(ValueError, match="layer"):
+        apply_mob(llava, layer=4)
+    with pytest.raises(ValueError, match="budget"):
+        apply_mob(llava, budget=1.5)
+    from mob_kernels.integrations import hf
+
+    monkeypatch.setattr(hf, "installed_transformers_version", lambda: "4.57.1")
+    with pytest.raises(UnsupportedModelError, match="4.57.1"):
+        apply_mob(llava)
+    monkeypatch.setattr(hf, "installed_transformers_version", lambda: "6.0.0.dev0")
+    with pytest.raises(UnsupportedModelError, match="6.0.0.dev0"):
+        apply_mob(llava)
+    assert not llava.model._forward_pre_hooks  # nothing was left applied
+
+
+def test_backends_agree_inside_the_model(llava):
+    ids, px = llava_inputs([1, 5, 6], [7, 8, 9, 10, 11], seed=13)
+    kept = {}
+    for backend in mob_kernels.available_backends("cpu"):
+        if backend == "triton":
+            continue  # the interpreter is covered by the kernel tests; too slow to add here
+        with apply_mob(llava, budget=6, backend=backend) as h:
+            logits(llava, input_ids=ids, pixel_values=px)
+            kept[backend] = h.keep_index
+    assert "reference" in kept and len(kept) >= 2
+    for k in kept.values():
+        assert torch.equal(k, kept["reference"])
+
+
+# ------------------------------------------------------------------------------------------------------------ draw
+
+
+def test_draw_kept_patches_png_over_a_real_photo(llava, tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photo = Image.fromarray(load_sample_images().images[0])  # china.jpg, 427 x 640
+    ids, px = llava_inputs([1, 5], [7, 8, 9, 10], seed=21)
+    with apply_mob(llava, budget=5, prompt_budget=2) as h:
+        logits(llava, input_ids=ids, pixel_values=px)
+        rec = h.kept[0][0]
+    path = tmp_path / "kept.png"
+    out = draw_kept_patches(photo, rec, size=224, path=path)
+    saved = Image.open(path)
+    assert saved.format == "PNG" and saved.size == (224, 224)
+    orig = photo.convert("RGB").resize((224, 224), Image.BICUBIC)
+    cell = 224 // 4
+    kept = set(rec.indices.tolist())
+    for i in range(16):
+        r, c = divmod(i, 4)
+        centre = (c * cell + cell // 2, r * cell + cell // 2)
+        if i in kept:
+            assert out.getpixel(centre) == orig.getpixel(centre)
+            colour = PROMPT_COLOUR if bool(rec.from_prompt[rec.indices == i]) else FPS_COLOUR
+            assert out.getpixel((c * cell, r * cell + cell // 2)) == colour  # outline on the cell's left edge
+        else:
+            o = orig.getpixel(centre)
+            assert out.getpixel(centre) == tuple(int(v * 0.3) for v in o)
+    with pytest.raises(ValueError, match="grid"):
+        draw_kept_patches(photo, rec, grid=(3, 4))
