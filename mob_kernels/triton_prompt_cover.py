@@ -197,11 +197,13 @@ def prompt_cover(
     block_n: int | None = None,
     block_d: int | None = None,
     fin_block_n: int | None = None,
+    sort_top: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC §2 steps 0-2 on batched inputs: ``vis`` [B, N, d], ``prompt`` [B, L, d] (float32 / float16 / bfloat16,
     unit stride in d), ``mask`` [B, L] bool. Returns (picks [B, k_p] int64 by descending score, -1 padded; count [B]).
     Host-sync free with fixed output shapes (CUDA-graph capturable). ``block_*`` override the tile sizes (tests use
-    small ones to exercise the multi-tile paths)."""
+    small ones to exercise the multi-tile paths); ``sort_top`` picks the bitonic-sort top-k_p (needs N <= fin_block_n)
+    over the k_p max-passes."""
     B, N, d = vis.shape
     L = prompt.shape[1]
     dev = vis.device
@@ -218,7 +220,9 @@ def prompt_cover(
     block_l = min(max(triton.next_power_of_2(L), 16), 64)
     fin_block_n = fin_block_n or min(max(triton.next_power_of_2(N), 16), 4096)
     fin_block_l = max(1, min(triton.next_power_of_2(L), 16384 // fin_block_n))
-    sort_top = N <= fin_block_n
+    # tl.sort is a long chain of tiny reductions: fine compiled, but ~5 s per 512 keys in the interpreter.
+    sort_top = (not interp) if sort_top is None else sort_top
+    sort_top = sort_top and N <= fin_block_n
 
     sim = torch.empty(B, L, N, dtype=torch.float32, device=dev)
     cover = torch.empty(B, N, dtype=torch.float32, device=dev)
