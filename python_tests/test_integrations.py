@@ -310,6 +310,9 @@ def test_layers_from_l_see_text_plus_budget_per_image(llava, budget, per_image):
             for hk in hooks:
                 hk.remove()
         assert seen == {0: ids.shape[1], 1: ids.shape[1], 2: n_text + 3 * per_image, 3: n_text + 3 * per_image}
+        with torch.no_grad():
+            cache = llava(input_ids=ids, pixel_values=px, use_cache=True).past_key_values
+        assert [cache.get_seq_length(i) for i in range(4)] == [ids.shape[1]] * 2 + [n_text + 3 * per_image] * 2
         assert [len(r.indices) for r in h.kept[0]] == [per_image] * 3
         # The record and the kept positions agree: each image's kept tokens sit at start + indices.
         kept = torch.cat([r.start + r.indices for r in h.kept[0]])

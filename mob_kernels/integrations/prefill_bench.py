@@ -1,0 +1,171 @@
+"""Prefill speed with MoB pruning: a LLaVA-1.5-shaped model on the CPU, pruned vs unpruned, side by side in one run.
+
+What it measures: the time of one prefill forward (``logits_to_keep=1``, as ``generate()`` does) of a
+``LlavaForConditionalGeneration`` with random weights: 576 image tokens (336 / 14 patches), a Llama text model of
+``hidden`` width and ``layers`` layers, a short text prompt around the image. The vision tower is kept tiny (one layer,
+width 64) because the question is what pruning saves inside the language model; it costs the same in both columns.
+Pruned: ``apply_mob(model, budget=64, layer=2, mode="layer")`` (the MoB paper's setting). The two variants alternate
+run by run so drifts in machine load hit both alike; medians are reported. "selection" is the wall time spent inside
+the hook choosing the tokens (``handle.selection_seconds``: run detection, feature gathers and ``mob_kernels.select``),
+as a share of the pruned prefill.
+
+    python -m mob_kernels.integrations.prefill_bench               # writes bench/results/prefill_cpu.{md,json}
+    python -m mob_kernels.integrations.prefill_bench --quick       # a smaller, faster check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+IMAGE_TOKEN = 31999
+IMAGE_SIZE, PATCH = 336, 14  # 24 x 24 = 576 image tokens, as LLaVA-1.5
+
+
+def build_model(hidden: int, layers: int, *, dtype=torch.float32, seed: int = 0):
+    """A LLaVA-1.5-shaped ``LlavaForConditionalGeneration`` with random weights (nothing downloaded)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    heads = max(1, hidden // 128)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH),
+        text_config=LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads),
+        image_token_index=IMAGE_TOKEN, image_seq_length=(IMAGE_SIZE // PATCH) ** 2, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(cfg).to(dtype).eval()
+
+
+def make_inputs(n_before: int = 20, n_after: int = 40, *, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n_img = (IMAGE_SIZE // PATCH) ** 2
+    before = torch.randint(2, 30000, (n_before,), generator=g)
+    after = torch.randint(2, 30000, (n_after,), generator=g)
+    ids = torch.cat([before, torch.full((n_img,), IMAGE_TOKEN), after]).unsqueeze(0)
+    px = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dtype)
+    return dict(input_ids=ids, pixel_values=px, logits_to_keep=1)
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def measure(hidden: int, layers: int, *, dtype=torch.float32, budget: int = 64, layer: int = 2, repeats: int = 5,
+            backend: str = "auto") -> dict:
+    from . import apply_mob
+
+    model = build_model(hidden, layers, dtype=dtype)
+    inputs = make_inputs(dtype=dtype)
+    handle = apply_mob(model, budget=budget, layer=layer, mode="layer", backend=backend, record=False)
+    handle.remove()  # re-applied per pruned run below; remove() is exact, so the unpruned runs see the plain model
+
+    def timed(pruned: bool) -> tuple[float, float]:
+        h = apply_mob(model, budget=budget, layer=layer, mode="layer", backend=backend, record=False) if pruned \
+            else None
+        try:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                model(**inputs)
+                dt = time.perf_counter() - t0
+            return dt, (h.selection_seconds if h else 0.0)
+        finally:
+            if h:
+                h.remove()
+
+    timed(False), timed(True)  # warm-up: allocator, oneDNN primitives, lazy imports
+    full, pruned, select = [], [], []
+    for _ in range(repeats):
+        full.append(timed(False)[0])
+        dt, sel = timed(True)
+        pruned.append(dt)
+        select.append(sel)
+    n_tokens = inputs["input_ids"].shape[1]
+    full_ms, pruned_ms, sel_ms = (1e3 * statistics.median(x) for x in (full, pruned, select))
+    return {
+        "hidden": hidden, "layers": layers, "dtype": str(dtype).replace("torch.", ""), "budget": budget,
+        "layer": layer, "backend": backend, "tokens": n_tokens, "image_tokens": (IMAGE_SIZE // PATCH) ** 2,
+        "tokens_after_pruning": n_tokens - (IMAGE_SIZE // PATCH) ** 2 + budget, "repeats": repeats,
+        "unpruned_ms": full_ms, "pruned_ms": pruned_ms, "speedup": full_ms / pruned_ms,
+        "selection_ms": sel_ms, "selection_share": sel_ms / pruned_ms,
+        "unpruned_runs_ms": [1e3 * x for x in full], "pruned_runs_ms": [1e3 * x for x in pruned],
+    }
+
+
+CONFIGS = [(1024, 8), (1024, 16), (2048, 8)]
+QUICK = [(1024, 8)]
+
+
+def to_markdown(rows: list[dict], where: str) -> str:
+    lines = [
+        "# Prefill with MoB pruning (CPU)",
+        "",
+        f"Machine: {where}.",
+        "",
+        "LLaVA-1.5-shaped `LlavaForConditionalGeneration`, random weights: 576 image tokens + 60 text tokens "
+        "(636 in all), tiny vision tower; one prefill forward with `logits_to_keep=1`. Pruned: "
+        "`apply_mob(model, budget=64, layer=2, mode=\"layer\")` (layers >= 2 see 124 tokens). Unpruned and pruned "
+        "runs alternate in one process; medians. Selection = time inside the hook choosing tokens, as a share of the "
+        "pruned prefill. Targets (issue 5): speed-up >= 3x, selection <= 2%.",
+        "",
+        "| hidden | layers | dtype | unpruned (ms) | pruned (ms) | speed-up | selection (ms) | selection share |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['hidden']} | {r['layers']} | {r['dtype']} | {r['unpruned_ms']:.1f} | {r['pruned_ms']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['selection_ms']:.2f} | {100 * r['selection_share']:.2f}% |"
+        )
+    lines += [
+        "",
+        "Reproduce: `python -m mob_kernels.integrations.prefill_bench` (writes this file and `prefill_cpu.json`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one small configuration, float32 only")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--out", default="bench/results/prefill_cpu", help="path without suffix for the .md and .json")
+    args = ap.parse_args(argv)
+    dtypes = ["float32"] if args.quick else args.dtypes.split(",")
+    rows = []
+    for hidden, layers in (QUICK if args.quick else CONFIGS):
+        for dt in dtypes:
+            row = measure(hidden, layers, dtype=getattr(torch, dt), repeats=args.repeats, backend=args.backend)
+            rows.append(row)
+            print(f"hidden={hidden} layers={layers} {dt}: unpruned {row['unpruned_ms']:.1f} ms, pruned "
+                  f"{row['pruned_ms']:.1f} ms ({row['speedup']:.2f}x), selection {row['selection_ms']:.2f} ms "
+                  f"({100 * row['selection_share']:.2f}%)", flush=True)
+    where = machine()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(to_markdown(rows, where))
+    out.with_suffix(".json").write_text(json.dumps({"machine": where, "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
