@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-_INT64_MAX = 9223372036854775807
+_INT64_MAX = tl.constexpr(9223372036854775807)  # a jit-visible global must be a constexpr
 
 
 @triton.jit

@@ -242,3 +242,49 @@ def test_cuda_torch_compile_fullgraph():
 
     assert mk.resolve_backend("auto", vis.device) == "triton"
     assert torch.equal(prune(vis, prompt), mk.select(vis, prompt, k_p, k, backend="reference"))
+
+
+# ------------------------------------------------------------------------------- ahead-of-time compile for sm_90
+# The interpreter does not apply the compiler's rules (it accepted a non-constexpr global that real compilation
+# rejects), so every kernel variant is also compiled for an H100 target. That needs no GPU, only triton's bundled
+# ptxas, but it needs real @triton.jit functions: a subprocess with the interpreter off.
+
+_AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mob_kernels.triton_farthest_point_sample import _fps_kernel, _gram_kernel
+from mob_kernels.triton_prompt_cover import _prompt_cover_kernel
+
+def compile_(fn, sig, const):
+    sig = dict(sig, **{name: "constexpr" for name in const})
+    k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert ".entry" in k.asm["ptx"]
+
+for dt in ("*bf16", "*fp32"):
+    cover = dict(vis_ptr=dt, prompt_ptr=dt, mask_ptr="*u8", sim_ptr="*fp32", cover_ptr="*fp32", ticket_ptr="*i32",
+                 picks_ptr="*i64", count_ptr="*i64", N="i32", L="i32", d="i32", k_p="i32", fold="i32",
+                 stride_vb="i64", stride_vn="i64", stride_pb="i64", stride_pl="i64")
+    for sort_top in (True, False):
+        compile_(_prompt_cover_kernel, cover, dict(IS_FP32=dt == "*fp32", DOT_IN_FP32=False, BLOCK_N=32, BLOCK_L=64,
+                 BLOCK_D=64, FIN_BLOCK_N=1024, FIN_BLOCK_L=16, SORT_TOP=sort_top))
+    compile_(_gram_kernel, dict(vis_ptr=dt, gram_ptr="*fp32", N="i32", d="i32", stride_vb="i64", stride_vn="i64"),
+             dict(IS_FP32=dt == "*fp32", DOT_IN_FP32=False, BLOCK_M=64, BLOCK_D=64))
+    fps = dict(vis_ptr=dt, gram_ptr="*fp32", seed_ptr="*i64", num_picks_ptr="*i64", dist_ptr="*fp32",
+               norm_ptr="*fp32", taken_ptr="*i8", out_ptr="*i64", N="i32", d="i32", m="i32", k="i32",
+               stride_vb="i64", stride_vn="i64")
+    for gram, onchip in ((True, True), (False, False)):
+        compile_(_fps_kernel, fps, dict(USE_GRAM=gram, ONCHIP=onchip, FILL_TO_K=True, SORTED_UNION=False,
+                 BLOCK_N=1024, BLOCK_D=64 if gram else 32))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
