@@ -113,7 +113,15 @@ def _batched(vis, prompt, mask):
 
 
 def _finite(vis, prompt, mask) -> bool:
-    return bool(torch.isfinite(vis).all()) and bool(torch.isfinite(prompt[mask]).all())
+    """Finite, and every row's squared norm representable in float32 (SPEC computes it in float32: beyond that range
+    a row overflows to a zero direction or underflows to a non-unit one, which a float64 replay cannot model)."""
+    if not (bool(torch.isfinite(vis).all()) and bool(torch.isfinite(prompt[mask]).all())):
+        return False
+    for x in (vis.reshape(-1, vis.shape[-1]), prompt[mask].reshape(-1, vis.shape[-1])):
+        sq = x.double().square().sum(-1)
+        if bool(((sq != 0) & ((sq < 1.2e-38) | (sq > 3.4e38))).any()):
+            return False
+    return True
 
 
 def _unit64(x: Tensor) -> tuple[Tensor, Tensor]:

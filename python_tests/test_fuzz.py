@@ -1,0 +1,206 @@
+"""Property tests (hypothesis) over every available backend: random shapes, budgets at their edges, masks all-false /
+all-true / ragged / random, NaN, +-inf, zero rows, exact duplicates, huge and tiny magnitudes, non-contiguous, offset
+and expanded views, all three dtypes.
+
+Invariants, on every example: a valid selection (k distinct sorted in-range indices); inputs bitwise unchanged; the
+reference's exact indices unless the float64 replay (mob_testing.decision_margin) finds a decision closer than SPEC's
+1e-4 margin.
+
+Profiles (env MOB_FUZZ_PROFILE): "ci" (default) derandomised, 2,000 examples per backend for select and 500 for the
+primitives; "long" (scripts/fuzz.sh, `make fuzz`) random, 100,000 per backend; "asan" derandomised, 300 (the
+sanitizer build is ~10x slower). Triton under its interpreter gets tiny shapes and 1/20 of the examples.
+Most examples are small (the reference loops in Python per FPS step); one in a hundred goes up to N = 4096, d = 4096,
+L = 256, B = 8 under a cap on B * N * d.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mob_kernels
+from mob_testing import DTYPES, WELL_CONDITIONED, assert_valid, backends, bitwise_equal, decision_margin, is_slow
+
+_COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
+settings.register_profile("mob-ci", max_examples=2000, derandomize=True, database=None, **_COMMON)
+settings.register_profile("mob-long", max_examples=100_000, derandomize=False, **_COMMON)
+settings.register_profile("mob-asan", max_examples=300, derandomize=True, database=None, **_COMMON)
+PROFILE = os.environ.get("MOB_FUZZ_PROFILE", "ci")
+FUZZ = settings.get_profile(f"mob-{PROFILE}")
+PRIMITIVES = settings(FUZZ, max_examples=max(FUZZ.max_examples // 4, 50))
+SLOW = settings(FUZZ, max_examples=max(FUZZ.max_examples // 20, 20))
+
+FAST_BACKENDS = [b for b in backends() if not is_slow(b)]
+SLOW_BACKENDS = [b for b in backends() if is_slow(b)]
+
+SPECIALS = ("nan", "inf", "-inf", "zero_row", "dup_row", "huge", "tiny", "neg_zero")
+LAYOUTS = ("contiguous", "strided", "transposed", "offset", "expanded")
+MASKS = ("none", "all_true", "all_false", "ragged", "random")
+_HUGE = {torch.float32: 1e30, torch.float16: 6.0e4, torch.bfloat16: 1e30}
+_TINY = {torch.float32: 1e-30, torch.float16: 1e-7, torch.bfloat16: 1e-30}
+
+
+@st.composite
+def problems(draw, tiny_only: bool = False):
+    """A select problem description: shapes, budgets, mask, dtype, value specials and memory layout."""
+    size = 0 if tiny_only else draw(st.integers(0, 99))
+    if size < 95:  # tiny: most examples
+        B, N, L, d, kmax = draw(st.integers(1, 3)), draw(st.integers(1, 20)), draw(st.integers(0, 6)), None, 20
+        d = draw(st.integers(1, 16))
+    elif size < 99:  # medium
+        B, N, L, d, kmax = draw(st.integers(1, 4)), draw(st.integers(1, 256)), draw(st.integers(0, 32)), None, 32
+        d = draw(st.integers(1, 256))
+    else:  # large, under a cap on the bytes the reference must touch
+        B, N, L = draw(st.integers(1, 8)), draw(st.integers(1, 4096)), draw(st.integers(0, 256))
+        d, kmax = draw(st.integers(1, 4096)), 32
+        d = max(1, min(d, (1 << 20) // (B * N)))
+        L = max(0, min(L, (1 << 20) // (B * d)))
+    k = draw(st.one_of(st.just(0), st.just(N), st.just(min(N, 1)), st.integers(0, min(N, kmax))))
+    k_p = draw(st.one_of(st.just(0), st.just(k), st.integers(0, k)))
+    fold = draw(st.one_of(st.none(), st.integers(1, N + 2)))
+    return dict(
+        B=B, N=N, L=L, d=d, k=k, k_p=k_p, fold=fold,
+        dtype=draw(st.sampled_from(DTYPES)),
+        mask=draw(st.sampled_from(MASKS)),
+        specials=draw(st.lists(st.sampled_from(SPECIALS), max_size=4)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        unbatched=B == 1 and draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _layout(x: torch.Tensor, layout: str, g: torch.Generator) -> torch.Tensor:
+    """The same values as x ([B, R, d]) in another memory layout; padding around views is NaN, so a kernel that reads
+    outside the view sees poison."""
+    B, R, d = x.shape
+    if layout == "strided":
+        wide = torch.full((B, 2 * R, d), float("nan"), dtype=x.dtype)
+        wide[:, ::2] = x
+        return wide[:, ::2]
+    if layout == "transposed":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "offset":
+        off = int(torch.randint(1, 5, (), generator=g))
+        wide = torch.full((B + 1, R + off, d + off), float("nan"), dtype=x.dtype)
+        wide[1:, off:, off:] = x
+        return wide[1:, off:, off:]
+    if layout == "expanded":  # stride-0 batch: every sample the same memory
+        return x[:1].expand(B, R, d)
+    return x
+
+
+def build(p: dict):
+    """Tensors for a problem description: (vis, prompt, mask or None), batched or unbatched."""
+    g = torch.Generator().manual_seed(p["seed"])
+    B, N, L, d, dtype = p["B"], p["N"], p["L"], p["d"], p["dtype"]
+    vis = torch.randn(B, N, d, generator=g)
+    prompt = torch.randn(B, L, d, generator=g)
+    for kind in p["specials"]:
+        x = vis if L == 0 or bool(torch.randint(0, 3, (), generator=g)) else prompt
+        b, r, c = (int(torch.randint(0, n, (), generator=g)) for n in x.shape)
+        if kind == "nan":
+            x[b, r, c] = float("nan")
+        elif kind == "inf":
+            x[b, r, c] = float("inf")
+        elif kind == "-inf":
+            x[b, r, c] = float("-inf")
+        elif kind == "zero_row":
+            x[b, r] = 0.0
+        elif kind == "neg_zero":
+            x[b, r] = -0.0
+        elif kind == "dup_row":  # exact duplicates of one row across the sample (ties everywhere)
+            x[b, torch.randint(0, x.shape[1], (max(1, x.shape[1] // 2),), generator=g)] = x[b, r].clone()
+        elif kind == "huge":
+            x[b, r] *= _HUGE[dtype]
+        elif kind == "tiny":
+            x[b, r] *= _TINY[dtype]
+    vis, prompt = vis.to(dtype), prompt.to(dtype)
+    vis, prompt = _layout(vis, p["layout"], g), _layout(prompt, p["layout"], g)
+    kind = p["mask"]
+    mask = None
+    if kind != "none":
+        mask = torch.ones(B, L, dtype=torch.bool)
+        if kind == "all_false":
+            mask[:] = False
+        elif kind == "ragged":
+            for b in range(B):
+                mask[b, int(torch.randint(0, L + 1, (), generator=g)) :] = False
+        elif kind == "random":
+            mask = torch.rand(B, L, generator=g) < 0.5
+    if p["unbatched"]:
+        return vis[0], prompt[0], None if mask is None else mask[0]
+    return vis, prompt, mask
+
+
+def _snapshot(*xs):
+    return [None if x is None else x.clone() for x in xs]
+
+
+def _check_select(backend: str, p: dict) -> None:
+    vis, prompt, mask = build(p)
+    before = _snapshot(vis, prompt, mask)
+    out = mob_kernels.select(vis, prompt, p["k_p"], p["k"], fold=p["fold"], prompt_mask=mask, backend=backend)
+    assert_valid(out, None if p["unbatched"] else p["B"], p["N"], p["k"])
+    for x, x0 in zip((vis, prompt, mask), before):
+        assert x is None or bitwise_equal(x, x0), "an input was modified"
+    if backend != "reference":
+        want = mob_kernels.select(vis, prompt, p["k_p"], p["k"], fold=p["fold"], prompt_mask=mask, backend="reference")
+        if not torch.equal(out, want):
+            margin = decision_margin(vis, prompt, mask, p["k_p"], p["k"], p["fold"])
+            assert margin < WELL_CONDITIONED, f"{backend} != reference on a well-conditioned input " \
+                                              f"(margin {margin:.2e}):\n{out}\n{want}"
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@FUZZ
+@given(p=problems())
+def test_fuzz_select(backend, p):
+    _check_select(backend, p)
+
+
+@pytest.mark.parametrize("backend", SLOW_BACKENDS)
+@SLOW
+@given(p=problems(tiny_only=True))
+def test_fuzz_select_interpreted(backend, p):
+    _check_select(backend, p)
+
+
+def _check_primitives(backend: str, p: dict, seed_frac: int) -> None:
+    vis, prompt, mask = build(p)
+    before = _snapshot(vis, prompt, mask)
+    N, k_p, k = p["N"], p["k_p"], p["k"]
+    picks, count = mob_kernels.prompt_cover(vis, prompt, k_p, fold=p["fold"], prompt_mask=mask, backend=backend)
+    B = 1 if p["unbatched"] else p["B"]
+    picks2, count2 = picks.reshape(B, k_p), count.reshape(B)
+    for row, c in zip(picks2.tolist(), count2.tolist()):
+        assert 0 <= c <= k_p and len(set(row[:c])) == c and all(0 <= i < N for i in row[:c])
+        assert all(i == -1 for i in row[c:])
+    # FPS seeded by part of the cover (-1 padded): new picks are distinct, never seeds, -1 once the tokens run out.
+    seed = torch.where(torch.arange(k_p) < seed_frac * count2.unsqueeze(1) // 4, picks2, -1)
+    seed = seed[0] if p["unbatched"] else seed
+    fps = mob_kernels.farthest_point_sample(vis, k, seed, backend=backend)
+    for row, srow in zip(fps.reshape(B, k).tolist(), seed.reshape(B, k_p).tolist()):
+        seeds = {i for i in srow if i >= 0}
+        n = min(k, N - len(seeds))
+        assert len(set(row[:n])) == n and not seeds & set(row[:n]) and all(0 <= i < N for i in row[:n])
+        assert all(i == -1 for i in row[n:])
+    for x, x0 in zip((vis, prompt, mask), before):
+        assert x is None or bitwise_equal(x, x0), "an input was modified"
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@PRIMITIVES
+@given(p=problems(), seed_frac=st.integers(0, 4))
+def test_fuzz_primitives(backend, p, seed_frac):
+    _check_primitives(backend, p, seed_frac)
+
+
+@pytest.mark.parametrize("backend", SLOW_BACKENDS)
+@SLOW
+@given(p=problems(tiny_only=True), seed_frac=st.integers(0, 4))
+def test_fuzz_primitives_interpreted(backend, p, seed_frac):
+    _check_primitives(backend, p, seed_frac)
