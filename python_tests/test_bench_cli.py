@@ -108,10 +108,11 @@ def test_summarize_quartiles():
 
 def test_time_host_respects_the_repeat_policy():
     calls = []
-    t = time_host(lambda: calls.append(1), Policy(warmup=2, min_repeats=3, max_repeats=7, budget_s=10.0))
-    assert t.repeats == 7 and len(calls) == 2 + 7  # budget not reached: stops at max_repeats after the warm-up
+    t, out = time_host(lambda: calls.append(1) or len(calls), Policy(warmup=2, min_repeats=3, max_repeats=7,
+                                                                      budget_s=10.0))
+    assert t.repeats == 7 and len(calls) == 2 + 7 and out == 9  # budget not reached: stops at max_repeats after the warm-up
     calls.clear()
-    t = time_host(lambda: calls.append(1), Policy(warmup=1, min_repeats=3, max_repeats=50, budget_s=0.0))
+    t, _ = time_host(lambda: calls.append(1), Policy(warmup=1, min_repeats=3, max_repeats=50, budget_s=0.0))
     assert t.repeats == 3 and len(calls) == 1 + 3  # budget spent at once: min_repeats still taken
 
 
@@ -144,10 +145,21 @@ def test_peers_do_the_same_job_as_the_stages():
     assert peers.fpsample_fps(vis, [[]], [6]) == [fps0] == peers.greedy_fps(vis, [[]], [6])
 
 
-def test_prefill_option_reports_a_missing_module_and_runs_a_present_one(monkeypatch, capsys):
+def test_prefill_option_reports_a_missing_module_and_embeds_a_present_ones_rows(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(cli, "PREFILL_MODULE", "mob_kernels.integrations.no_such_module")
-    assert cli.run_prefill("")["status"] == "unavailable"
+    assert cli.run_prefill("", str(tmp_path / "none"))["status"] == "unavailable"
     assert "not available" in capsys.readouterr().out
-    monkeypatch.setattr(cli, "PREFILL_MODULE", "platform")  # any runnable module stands in for the prefill bench
-    r = cli.run_prefill("--terse")
-    assert r["status"] == "ok" and r["returncode"] == 0 and r["output"].strip()
+    # A stand-in with the prefill benchmark's interface: --out STEM, writes STEM.json with its rows.
+    (tmp_path / "fake_prefill.py").write_text(
+        "import argparse, json\n"
+        "ap = argparse.ArgumentParser(); ap.add_argument('--out'); ap.add_argument('--quick', action='store_true')\n"
+        "a = ap.parse_args()\n"
+        "open(a.out + '.json', 'w').write(json.dumps({'machine': 'm', 'rows': [{'quick': a.quick, 'speedup': 2.5}]}))\n"
+        "print('prefill table')\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(cli, "PREFILL_MODULE", "fake_prefill")
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    r = cli.run_prefill("--quick", str(tmp_path / "run_prefill"))
+    assert r["status"] == "ok" and r["returncode"] == 0 and r["output"] == "prefill table\n"
+    assert r["rows"] == [{"quick": True, "speedup": 2.5}] and r["json"] == str(tmp_path / "run_prefill.json")

@@ -18,6 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,42 +65,55 @@ def _compare(got: list[list[int]], want: list[list[int]]) -> tuple[bool, float]:
 
 def bench_case(case: Case, dtype: str, device: str, backends: list[str], peers: list[str], stages: list[str],
                policy: Policy, progress: Progress) -> list[dict]:
-    """Every (stage, implementation) on one input; the reference's outputs are the answers to check against."""
+    """Every (stage, implementation) on one input. The reference runs first in each stage; its output is the answer
+    every other implementation is checked against (and its cover picks seed the FPS stage)."""
     vis, prompt = make_inputs(case, DTYPES[dtype], device)
     k_p, k = case.k_p, case.k
-    want_select = mk.select(vis, prompt, k_p, k, backend="reference")
-    cover, count = mk.prompt_cover(vis, prompt, k_p, backend="reference")
-    # The FPS stage as select runs it: seeded by the cover, for the rest of the budget (one k for the whole batch).
-    k_fps = k - int(count.min())
-    want_fps = mk.farthest_point_sample(vis, k_fps, seed=cover, backend="reference")
-    want = {"select": _rows_of(want_select), "cover": _rows_of(cover), "fps": _rows_of(want_fps)}
-    seeds = _rows_of(cover)
-    fps_picks = [k_fps] * case.B
+    cover = count = None
 
-    calls = {
-        "select": lambda b: (lambda: mk.select(vis, prompt, k_p, k, backend=b)),
-        "cover": lambda b: (lambda: mk.prompt_cover(vis, prompt, k_p, backend=b)[0]),
-        "fps": lambda b: (lambda: mk.farthest_point_sample(vis, k_fps, seed=cover, backend=b)),
-    }
+    def fps_setup():
+        nonlocal cover, count
+        if cover is None:
+            cover, count = mk.prompt_cover(vis, prompt, k_p, backend="reference")
+        # The FPS stage as select runs it: seeded by the cover, for the rest of the budget (one k for the batch).
+        return cover, k - int(count.min())
+
+    def job(stage: str, impl: str):
+        if stage == "select":
+            return lambda: mk.select(vis, prompt, k_p, k, backend=impl)
+        if stage == "cover":
+            return lambda: mk.prompt_cover(vis, prompt, k_p, backend=impl)
+        seed, k_fps = fps_setup()
+        return lambda: mk.farthest_point_sample(vis, k_fps, seed=seed, backend=impl)
+
+    def peer_job(stage: str, name: str):
+        seed, k_fps = fps_setup()
+        return peer_mod.peer_call(name, vis, prompt, k_p, 0, _rows_of(seed), [k_fps] * case.B)
+
     rows = []
     for stage in stages:
-        jobs = [(b, "backend", device, calls[stage](b)) for b in backends]
+        jobs = [(b, "backend", device, (lambda s=stage, b=b: job(s, b))) for b in backends]
         if dtype == "float32":
-            jobs += [(p, "peer", peer_mod.peer_device(p, device),
-                      peer_mod.peer_call(p, vis, prompt, k_p, 0, seeds, fps_picks))
+            jobs += [(p, "peer", peer_mod.peer_device(p, device), (lambda s=stage, p=p: peer_job(s, p)))
                      for p in peers if peer_mod.STAGE_OF_PEER[p] == stage]
+        want = None
         stage_rows = []
-        for impl, kind, dev, fn in jobs:
-            timing = time_fn(fn, dev, policy)
-            out = fn()
+        for impl, kind, dev, make_fn in jobs:
+            timing, out = time_fn(make_fn(), dev, policy)
+            if stage == "cover" and kind == "backend":
+                if impl == "reference":
+                    cover, count = out
+                out = out[0]
             got = _rows_of(out) if isinstance(out, torch.Tensor) else out
-            agrees, overlap = _compare(got, want[stage])
+            if impl == "reference":
+                want = got
+            agrees, overlap = _compare(got, want)
             stage_rows.append({**case.as_dict(), "dtype": dtype, "stage": stage, "impl": impl, "kind": kind,
                                "device": dev, **timing.as_dict(), "agrees": agrees, "overlap": overlap})
             progress.step(f"{case.label()} {dtype} {stage} {impl}", timing.median_ms)
-        ref = next((r for r in stage_rows if r["impl"] == "reference"), None)
+        ref = stage_rows[0]  # backends[0] is always the reference (main() sees to it)
         for r in stage_rows:
-            r["speedup"] = ref["median_ms"] / r["median_ms"] if ref else None
+            r["speedup"] = ref["median_ms"] / r["median_ms"]
         rows += stage_rows
     return rows
 
@@ -154,8 +168,9 @@ def print_demo(case: Case, summary: dict, rows: list[dict], info: dict) -> None:
 PREFILL_MODULE = "mob_kernels.integrations.prefill_bench"
 
 
-def run_prefill(extra_args: str) -> dict:
-    """The end-to-end prefill table from the integrations, in a subprocess (it builds models; keep it isolated)."""
+def run_prefill(extra_args: str, out_stem: str) -> dict:
+    """The end-to-end prefill table from the integrations, in a subprocess (it builds models; keep it isolated).
+    Its rows (from ``<out_stem>.json``, which it writes) are embedded in this run's JSON."""
     try:
         found = importlib.util.find_spec(PREFILL_MODULE) is not None
     except ImportError:
@@ -163,14 +178,23 @@ def run_prefill(extra_args: str) -> dict:
     if not found:
         print(f"prefill: {PREFILL_MODULE} is not available here (the model integrations are not installed); skipped")
         return {"status": "unavailable", "module": PREFILL_MODULE}
-    cmd = [sys.executable, "-m", PREFILL_MODULE, *shlex.split(extra_args)]
-    print(f"prefill: running {' '.join(cmd)}", flush=True)
+    args = shlex.split(extra_args)
+    if "--out" not in args:
+        args += ["--out", out_stem]
+    else:
+        out_stem = args[args.index("--out") + 1]
+    cmd = [sys.executable, "-m", PREFILL_MODULE, *args]
+    print(f"\nprefill: running {' '.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     print(proc.stdout, end="")
     if proc.returncode:
         print(proc.stderr, end="", file=sys.stderr)
-    return {"status": "ok" if proc.returncode == 0 else "failed", "command": cmd, "returncode": proc.returncode,
-            "output": proc.stdout}
+    result = {"status": "ok" if proc.returncode == 0 else "failed", "command": cmd, "returncode": proc.returncode,
+              "output": proc.stdout}
+    written = Path(out_stem).with_suffix(".json")
+    if proc.returncode == 0 and written.exists():
+        result.update({"json": str(written), **json.loads(written.read_text())})
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -211,8 +235,8 @@ def main(argv=None) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     demo = args.preset == ["demo"]
     backends = args.backends or default_backends(device)
-    if "reference" not in backends:
-        backends = ["reference", *backends]  # every ratio and every agreement check needs it
+    # Every ratio and every agreement check needs the reference, measured first.
+    backends = ["reference", *[b for b in backends if b != "reference"]]
     peers = [] if (args.no_peers or demo) else (args.peers or peer_mod.available_peers())
     stages = ["select"] if demo else args.stages
     policy = Policy(warmup=args.warmup, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
@@ -231,10 +255,15 @@ def main(argv=None) -> int:
         print(f"mob_kernels bench on {device}: {machine_line(info)}", flush=True)
         print(f"{len(cases)} cases x {len(args.dtypes)} dtypes, backends {backends}, peers {peers}, "
               f"{n_jobs} measurements", flush=True)
+    load = info.get("load_average")
+    if load and load[0] > (info["cpu_count"] or 1):
+        print(f"warning: the machine is busy (load average {load[0]} on {info['cpu_count']} cores); wall-clock "
+              f"timings will be inflated, the reference's (many small multi-threaded ops) most", file=sys.stderr)
     rows = []
     for case in cases:
         for dt in args.dtypes:
             rows += bench_case(case, dt, device, backends, peers, stages, policy, progress)
+    info["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
     result = {
         "schema": 1,
@@ -256,10 +285,10 @@ def main(argv=None) -> int:
         print(console_table(rows))
         print()
         print(LEGEND)
-    if args.prefill:
-        result["prefill"] = run_prefill(args.prefill_args)
-
     out_dir = args.out or (None if demo else "mob_bench_results")
+    if args.prefill:
+        stem = os.path.join(out_dir, f"{args.name}_prefill") if out_dir else os.path.join(tempfile.mkdtemp(), "prefill")
+        result["prefill"] = run_prefill(args.prefill_args, stem)
     json_path = args.json or (os.path.join(out_dir, f"{args.name}.json") if out_dir else None)
     written = []
     if out_dir:

@@ -106,6 +106,10 @@ def markdown_report(result: dict) -> str:
         markdown_table(result["rows"]),
         "",
     ]
+    prefill = result.get("prefill")
+    if prefill and prefill.get("status") == "ok":
+        parts += ["## End-to-end prefill (mob_kernels.integrations.prefill_bench)", "",
+                  f"`{' '.join(prefill['command'][1:])}`", "", "```", prefill["output"].rstrip(), "```", ""]
     return "\n".join(parts)
 
 

@@ -57,10 +57,10 @@ class Policy:
         return 1 if first_call_s >= self.budget_s else self.warmup
 
 
-def time_host(fn: Callable[[], object], policy: Policy = Policy()) -> Timing:
-    """Wall-clock time of ``fn()`` (CPU backends and CPU peers)."""
+def time_host(fn: Callable[[], object], policy: Policy = Policy()) -> tuple[Timing, object]:
+    """Wall-clock time of ``fn()`` (CPU backends and CPU peers), and what the last call returned."""
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     first = time.perf_counter() - t0
     warmup = policy.slow_warmup(first)
     for _ in range(warmup - 1):
@@ -71,14 +71,15 @@ def time_host(fn: Callable[[], object], policy: Policy = Policy()) -> Timing:
         len(samples) < policy.min_repeats or time.perf_counter() - start < policy.budget_s
     ):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return summarize(samples, warmup=warmup, timer="perf_counter")
+    return summarize(samples, warmup=warmup, timer="perf_counter"), out
 
 
-def time_cuda(fn: Callable[[], object], policy: Policy = Policy()) -> Timing:
+def time_cuda(fn: Callable[[], object], policy: Policy = Policy()) -> tuple[Timing, object]:
     """Device time of ``fn()`` from CUDA events around each call (one synchronisation at the end, so launches of
-    consecutive calls overlap the way they do in a model). A host sync inside ``fn`` (``.item()``) is included."""
+    consecutive calls overlap the way they do in a model), and what the last call returned. A host sync inside
+    ``fn`` (``.item()``) is included."""
     import torch
 
     torch.cuda.synchronize()
@@ -98,14 +99,15 @@ def time_cuda(fn: Callable[[], object], policy: Policy = Policy()) -> Timing:
     n = int(min(policy.max_repeats, max(policy.min_repeats, policy.budget_s / per_call)))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    out = None
     for s, e in zip(starts, ends):
         s.record()
-        fn()
+        out = fn()
         e.record()
     torch.cuda.synchronize()
-    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], warmup=warmup + 1, timer="cuda_event")
+    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], warmup=warmup + 1, timer="cuda_event"), out
 
 
-def time_fn(fn: Callable[[], object], device: str, policy: Policy = Policy()) -> Timing:
-    """Device time on CUDA, wall-clock time otherwise."""
+def time_fn(fn: Callable[[], object], device: str, policy: Policy = Policy()) -> tuple[Timing, object]:
+    """Device time on CUDA, wall-clock time otherwise; and the last call's output (to check it)."""
     return time_cuda(fn, policy) if str(device).startswith("cuda") else time_host(fn, policy)
