@@ -48,7 +48,9 @@ MOB_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_mas
 MOB_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {  // float16
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
-struct Bf16 {};
+struct Bf16 {  // bfloat16 storage: sizeof must be 2 for the row pointer arithmetic
+  uint16_t bits;
+};
 MOB_AVX512 inline __m512 load16(const Bf16* p, __mmask16 m) {  // bfloat16: the high half of a float32
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
