@@ -11,7 +11,7 @@ BIN         := $(VENV)/bin
 PIP         := $(BIN)/python -m pip
 # Test and integration dependencies, pinned to the versions the suite was run with.
 TEST_DEPS   := pytest==9.2.0 hypothesis==6.170.15 pytest-benchmark==5.3.1 expecttest numpy triton==3.9.0 \
-               transformers==5.23.0 pillow scikit-learn
+               transformers==5.23.0 pillow==13.0.0 scikit-learn==1.9.1
 BENCH_DEPS  := matplotlib fpsample faiss-cpu
 BUILD_DEPS  := "setuptools>=68" wheel "pybind11>=2.12" "cmake>=3.18" ninja
 SOURCES     := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
@@ -45,6 +45,9 @@ test: install
 
 bench: install $(VENV)/.bench-deps
 	$(BIN)/python -m pytest -q bench --benchmark-only --benchmark-columns=min,median,iqr,rounds
+
+cuda-check: $(VENV)/.deps
+	PYTHON=$(BIN)/python bash csrc/cuda/check.sh
 
 clean:
 	rm -rf build *.egg-info mob_kernels/_C*.so .pytest_cache .benchmarks
