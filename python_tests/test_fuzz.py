@@ -8,7 +8,7 @@ reference's exact indices unless the float64 replay (mob_testing.decision_margin
 
 Profiles (env MOB_FUZZ_PROFILE): "ci" (default) derandomised, 2,000 examples per backend for select and 500 for the
 primitives; "long" (scripts/fuzz.sh, `make fuzz`) random, 100,000 per backend; "asan" derandomised, 300 (the
-sanitizer build is ~10x slower). Triton under its interpreter gets tiny shapes and 1/20 of the examples.
+sanitizer build is ~10x slower). Triton under its interpreter gets tiny shapes and 1/40 of the examples (50 in ci).
 Most examples are small (the reference loops in Python per FPS step); one in a hundred goes up to N = 4096, d = 4096,
 L = 256, B = 8 under a cap on B * N * d.
 """
@@ -32,7 +32,7 @@ settings.register_profile("mob-asan", max_examples=300, derandomize=True, databa
 PROFILE = os.environ.get("MOB_FUZZ_PROFILE", "ci")
 FUZZ = settings.get_profile(f"mob-{PROFILE}")
 PRIMITIVES = settings(FUZZ, max_examples=max(FUZZ.max_examples // 4, 50))
-SLOW = settings(FUZZ, max_examples=max(FUZZ.max_examples // 20, 20))
+SLOW = settings(FUZZ, max_examples=max(FUZZ.max_examples // 40, 20))
 
 FAST_BACKENDS = [b for b in backends() if not is_slow(b)]
 SLOW_BACKENDS = [b for b in backends() if is_slow(b)]
