@@ -41,8 +41,8 @@ print("sanitized extension:", C.__file__)
 PY
 
 # The CPU tests: everything that runs the C++ (-k cpu also selects the portable/avx512 ISA subprocess test, which
-# inherits LD_PRELOAD and PYTHONPATH). The 4.3 GB case stays behind MOB_TEST_LARGE. The RSS test is left out: ASan's
-# quarantine keeps freed memory resident by design.
+# inherits LD_PRELOAD and PYTHONPATH), the large-input tests included (the 4.3 GB one where 8 GB are available). The
+# RSS test is left out: ASan's quarantine keeps freed memory resident by design.
 exec "$PY" -m pytest -q -p no:cacheprovider python_tests/test_select_exact.py python_tests/test_errors.py \
   python_tests/test_op.py python_tests/test_fuzz.py python_tests/test_reliability.py \
   -k "(cpu or isa or extension or gil or large) and not rss" "$@"
