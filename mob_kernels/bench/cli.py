@@ -226,12 +226,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--prefill", action="store_true", help=f"also run {PREFILL_MODULE} (end-to-end prefill table)")
     ap.add_argument("--prefill-args", default="", help="arguments passed on to the prefill benchmark")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and the C++ kernels (default: "
+                    "torch's, one per core); 1 makes timings on a shared machine far steadier")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        # torch.set_num_threads sets OpenMP's thread count for this thread, which the C++ kernels' regions use too.
+        torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     demo = args.preset == ["demo"]
     backends = args.backends or default_backends(device)
