@@ -16,7 +16,7 @@ BENCH_DEPS  := matplotlib fpsample faiss-cpu
 BUILD_DEPS  := "setuptools>=68" wheel "pybind11>=2.12" "cmake>=3.18" ninja
 SOURCES     := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: install demo test bench fuzz test-asan cuda-check clean
+.PHONY: install demo test bench fuzz test-asan test-large cuda-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,18 @@ test: install
 
 bench: install $(VENV)/.bench-deps
 	$(BIN)/python -m pytest -q bench --benchmark-only --benchmark-columns=min,median,iqr,rounds
+
+# The CPU tests against the C++ built with AddressSanitizer + UBSan (its own build dir; the normal build is untouched).
+test-asan: $(VENV)/.deps
+	PY=$(abspath $(BIN))/python bash scripts/test_asan.sh
+
+# 100,000 property-test examples per backend and test (hypothesis "long" profile).
+fuzz: install
+	PY=$(BIN)/python bash scripts/fuzz.sh
+
+# The N*d > 2^31 input even where less than 8 GB looks free (the suite runs it wherever 8 GB are available).
+test-large: install
+	MOB_TEST_LARGE=1 $(BIN)/python -m pytest -q python_tests/test_reliability.py -k large
 
 cuda-check: $(VENV)/.deps
 	PYTHON=$(BIN)/python bash csrc/cuda/check.sh

@@ -2,6 +2,9 @@
 // Python (mob_kernels/cpu.py, mob_kernels/cuda.py) checks every argument first; the GIL is released while C++ runs.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
+#include "cpu/dot.h"
 #include "mob.h"
 
 namespace py = pybind11;
@@ -49,6 +52,9 @@ PYBIND11_MODULE(_C, m) {
     mob::select_cpu(B, N, L, d, v, p, reinterpret_cast<const bool*>(mask), k_p, k, fold,
                     reinterpret_cast<int64_t*>(out));
   });
+
+  m.def("dot_isa", [] { return std::string(mob::cpu::dot_isa()); },
+        "which dot-product implementation the CPU backend uses here: avx512-bf16, avx512 or portable");
 
 #ifdef MOB_WITH_CUDA
   m.attr("WITH_CUDA") = true;

@@ -8,6 +8,9 @@
 // cover, or the largest-norm token when there is none) are applied eagerly as one blocked matrix product split across
 // threads; the FPS centres lazily. The worst case is the eager algorithm; on spread-out features most steps refresh a
 // handful of tokens instead of all N.
+#include <stdexcept>
+#include <string>
+
 #include "cpu/common.h"
 
 namespace mob::cpu {
@@ -134,7 +137,8 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
 void mob::farthest_point_sample_cpu(int64_t B, int64_t N, int64_t d, Features vis, const int64_t* seed, int64_t m,
                                     const int64_t* num_picks, int64_t k, int64_t* out) {
   cpu::check_sizes(B, N, 0, d, 0, k, 0);
-  cpu::for_each_sample(B, [&](int64_t b, bool parallel) {
+  if (m < 0) throw std::invalid_argument("seed width m must be >= 0, got m=" + std::to_string(m));
+  cpu::for_each_sample(B, N * d * (m + 1), [&](int64_t b, bool parallel) {
     const cpu::VisRows v(vis, b, N, d, parallel);
     cpu::fps_sample(N, d, vis.dtype, v, seed + b * m, m, num_picks[b], k, out + b * k, parallel);
   });

@@ -10,17 +10,17 @@
 namespace mob::cpu {
 
 // Runs body(b, parallel) for every sample, catching exceptions inside the OpenMP region (one escaping it would abort
-// the process) and rethrowing the first afterwards. Several samples run side by side; a single sample gets the threads
-// inside instead (parallel = true).
+// the process) and rethrowing the first afterwards. Several samples run side by side when the batch holds enough work
+// (work = rough multiply-adds per sample); a single sample gets the threads inside instead (parallel = true).
 template <class F>
-void for_each_sample(int64_t B, F body) {
+void for_each_sample(int64_t B, int64_t work, F body) {
   std::exception_ptr error;
   std::mutex error_mutex;
-  const bool outer = B > 1;
+  const bool outer = B > 1 && B * work >= kParallelWork;
 #pragma omp parallel for schedule(dynamic, 1) if (outer)
   for (int64_t b = 0; b < B; ++b) {
     try {
-      body(b, !outer);
+      body(b, B == 1);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error) error = std::current_exception();

@@ -84,7 +84,7 @@ int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Fe
 void mob::prompt_cover_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt,
                            const bool* mask, int64_t k_p, int64_t fold, int64_t* picks, int64_t* count) {
   cpu::check_sizes(B, N, L, d, k_p, k_p, fold);
-  cpu::for_each_sample(B, [&](int64_t b, bool parallel) {
+  cpu::for_each_sample(B, N * d * (L + 1), [&](int64_t b, bool parallel) {
     const cpu::VisRows v(vis, b, N, d, parallel);
     count[b] = cpu::prompt_cover_sample(b, N, L, d, vis, v, prompt, mask, k_p, fold, picks + b * k_p, parallel);
   });

@@ -23,7 +23,7 @@ void cpu::check_sizes(int64_t B, int64_t N, int64_t L, int64_t d, int64_t k_p, i
 void select_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt, const bool* mask,
                 int64_t k_p, int64_t k, int64_t fold, int64_t* out) {
   cpu::check_sizes(B, N, L, d, k_p, k, fold);
-  cpu::for_each_sample(B, [&](int64_t b, bool parallel) {
+  cpu::for_each_sample(B, N * d * (L + k_p + 1), [&](int64_t b, bool parallel) {
     std::vector<int64_t> cover(static_cast<size_t>(k_p)), fps(static_cast<size_t>(k));
     const cpu::VisRows v(vis, b, N, d, parallel);
     const int64_t cnt =
