@@ -89,6 +89,9 @@ def test_table_markdown_and_plot_are_written(tiny_run):
         assert impl in header
     md = (out / "results.md").read_text()
     assert "| preset |" in md and result["machine"]["cpu_model"] in md
+    # The summary has one line per (shape, dtype) at its smallest budget, with the cpu backend's speed-up.
+    summary = md.split("## Summary")[1].split("## All measurements")[0]
+    assert summary.count("\n| tiny N=") == 2 * len(presets.build_preset("tiny"))
     assert md.count("\n| tiny |") == len({(r["N"], r["dtype"], r["stage"]) for r in result["rows"]})
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -91,6 +91,36 @@ LEGEND = ("Times in ms: median ± half the interquartile range; (Nx) = speed-up 
           "FPS (fps stage), greedy = DivPrune-style eager max-min loop with .item() per pick (fps stage).")
 
 
+def summary_table(rows: list[dict]) -> str:
+    """The README's table: select at one budget per shape (the smallest), fastest backend vs the reference, and the
+    peers beside the stage they stand in for, as speed-ups over the reference."""
+    first_k: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["preset"], r["N"])
+        first_k[key] = min(first_k.get(key, r["k"]), r["k"])
+    groups = group_rows([r for r in rows if r["k"] == first_k[(r["preset"], r["N"])]])
+    backends = [i for i in impl_order(rows) if i != "reference" and any(r["impl"] == i and r["kind"] == "backend"
+                                                                          for r in rows)]
+    head = ["shape", "dtype", "reference select"] + [f"{b} select" for b in backends] + [
+        f"{b} cover / fps" for b in backends] + ["peers: cover / fps (vs reference stage)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for key, by_impl in groups.items():
+        preset, B, N, d, L, k, k_p, dtype, stage = key
+        if stage != "select" or "reference" not in by_impl:
+            continue
+        stage_of = {st: groups.get(key[:-1] + (st,), {}) for st in ("cover", "fps")}
+        line = [f"{preset} N={N} d={d} k={k}", dtype, f"{fmt_ms(by_impl['reference']['median_ms'])} ms"]
+        line += [f"{fmt_ms(by_impl[b]['median_ms'])} ms ({fmt_ratio(by_impl[b]['speedup'])})" if b in by_impl else ""
+                 for b in backends]
+        line += [" / ".join(fmt_ratio(stage_of[st][b]["speedup"]) if b in stage_of[st] else "-"
+                            for st in ("cover", "fps")) for b in backends]
+        peers = [f"{r['impl']} {fmt_ratio(r['speedup'])}" for st in ("cover", "fps") for r in stage_of[st].values()
+                 if r["kind"] == "peer"]
+        line.append(", ".join(peers) if peers else "-")
+        out.append("| " + " | ".join(line) + " |")
+    return "\n".join(out)
+
+
 def markdown_report(result: dict) -> str:
     from .machine import machine_line
 
@@ -100,6 +130,12 @@ def markdown_report(result: dict) -> str:
         "",
         f"Machine: {machine_line(m)}. Commit {m.get('git_commit')}, {result['created']}.",
         f"Command: `{result['command']}`",
+        "",
+        "## Summary (smallest budget per shape; ratios are speed-ups over the reference)",
+        "",
+        summary_table(result["rows"]),
+        "",
+        "## All measurements",
         "",
         LEGEND,
         "",
