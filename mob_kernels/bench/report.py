@@ -128,7 +128,9 @@ def markdown_report(result: dict) -> str:
     parts = [
         f"# mob_kernels benchmark: {', '.join(result['config']['presets'])}",
         "",
-        f"Machine: {machine_line(m)}. Commit {m.get('git_commit')}, {result['created']}.",
+        f"Machine: {machine_line(m)}, {m.get('torch_threads')} threads. Commit {m.get('git_commit')}, "
+        f"{result['created']}. Load average (1 min) {(m.get('load_average') or ['?'])[0]} at the start, "
+        f"{(m.get('load_average_end') or ['?'])[0]} at the end (other jobs share this machine).",
         f"Command: `{result['command']}`",
         "",
         "## Summary (smallest budget per shape; ratios are speed-ups over the reference)",
