@@ -166,3 +166,36 @@ def test_prefill_option_reports_a_missing_module_and_embeds_a_present_ones_rows(
     r = cli.run_prefill("--quick", str(tmp_path / "run_prefill"))
     assert r["status"] == "ok" and r["returncode"] == 0 and r["output"] == "prefill table\n"
     assert r["rows"] == [{"quick": True, "speedup": 2.5}] and r["json"] == str(tmp_path / "run_prefill.json")
+
+
+def test_cuda_timer_path_with_stand_in_events(monkeypatch):
+    # No GPU here: stand-in events that read the host clock exercise time_cuda's bookkeeping (warm-up, sizing the run
+    # from one call, pairing start/end events, returning the last output) the way a GPU run uses it.
+    import time
+
+    from mob_kernels.bench import timing
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+        return len(calls)
+
+    t, out = timing.time_fn(fn, "cuda:0", Policy(warmup=2, min_repeats=3, max_repeats=5, budget_s=1.0))
+    assert t.timer == "cuda_event" and t.repeats == 5 and t.warmup == 3
+    assert out == len(calls) == 3 + 5  # 2 warm-up + 1 sizing call, then the timed ones
+    assert 2.0 <= t.min_ms <= t.median_ms <= t.max_ms < 50.0
