@@ -43,10 +43,12 @@ void seed_distances(DType t, const std::vector<const void*>& rows, const float* 
       const int64_t i0 = blk * kRows, n = std::min(kRows, N - i0);
       for (int64_t s0 = 0; s0 < S; s0 += kSeeds) {
         const int64_t ns = std::min(kSeeds, S - s0);
-        dot_tile(t, rows.data() + i0, n, srows.data() + s0, ns, d, buf.data(), ns);
-        for (int64_t r = 0; r < n; ++r)
-          for (int64_t s = 0; s < ns; ++s)
-            dist[i0 + r] = nan_min(dist[i0 + r], 1.0f - buf[r * ns + s] * inv[i0 + r] * inv[seeds[s0 + s]]);
+        // Seeds as the 4-row side of the register tile, rows as the 6-column side: 24 rows and seed counts that are
+        // multiples of 4 (the usual k_p) fill every tile.
+        dot_tile(t, srows.data() + s0, ns, rows.data() + i0, n, d, buf.data(), n);
+        for (int64_t s = 0; s < ns; ++s)
+          for (int64_t r = 0; r < n; ++r)
+            dist[i0 + r] = nan_min(dist[i0 + r], 1.0f - buf[s * n + r] * inv[i0 + r] * inv[seeds[s0 + s]]);
       }
     }
   }
