@@ -3,7 +3,7 @@
 // sim[j, i] = dot(p_j, v_i) / (max(|p_j|, eps) max(|v_i|, eps)) for the valid prompt rows j: a float32 matrix product
 // through dot_tile, in blocks of visual rows that stay in L2 while every prompt row streams past, blocks split across
 // threads. Then each row's f best tokens (ties to the lower index; a non-finite similarity never counts), a max-merge
-// into the covering score c(i), and the k_p best candidates. The N x L_valid score matrix is the only workspace.
+// into the covering score c(i), and the k_p best candidates. Workspace: a 64 x N block of scores plus O(N).
 #include "cpu/common.h"
 
 namespace mob::cpu {
@@ -55,25 +55,29 @@ int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Fe
   if (k_p == 0 || N == 0 || Lv == 0) return 0;
   const int64_t f = std::min(N, fold > 0 ? fold : std::max<int64_t>(1, (k_p + Lv - 1) / Lv));
 
-  std::vector<float> pnorm(Lv), pinv(Lv), sim(static_cast<size_t>(Lv * N));
+  std::vector<float> pnorm(Lv), pinv(Lv);
   inverse_norms(prompt.dtype, prows, d, pnorm.data(), pinv.data(), parallel);
 
+  // Prompt rows go through in chunks of kRows, so the score workspace is kRows x N floats however long the prompt is.
+  constexpr int64_t kRows = 64;
   constexpr int64_t kBlock = 24;  // visual rows per block: 24 x 4096 float32 = 384 KiB, resident in L2
   const int64_t nblk = (N + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (parallel && Lv * N * d >= kParallelWork)
-  for (int64_t blk = 0; blk < nblk; ++blk) {
-    const int64_t i0 = blk * kBlock, n = std::min(kBlock, N - i0);
-    dot_tile(vis.dtype, prows.data(), Lv, v.rows.data() + i0, n, d, sim.data() + i0, N);
-    for (int64_t j = 0; j < Lv; ++j)
-      for (int64_t i = i0; i < i0 + n; ++i) sim[j * N + i] *= pinv[j] * v.inv[i];
-  }
-
-  std::vector<float> cover(N, -INFINITY);
+  std::vector<float> sim(static_cast<size_t>(std::min(Lv, kRows) * N)), cover(N, -INFINITY);
   std::vector<int64_t> top(static_cast<size_t>(f));
-  for (int64_t j = 0; j < Lv; ++j) {
-    const float* s = sim.data() + j * N;
-    const int64_t cnt = top_finite(s, N, f, top.data());
-    for (int64_t r = 0; r < cnt; ++r) cover[top[r]] = std::max(cover[top[r]], s[top[r]]);
+  for (int64_t j0 = 0; j0 < Lv; j0 += kRows) {
+    const int64_t nj = std::min(kRows, Lv - j0);
+#pragma omp parallel for schedule(static) if (parallel && nj * N * d >= kParallelWork)
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const int64_t i0 = blk * kBlock, n = std::min(kBlock, N - i0);
+      dot_tile(vis.dtype, prows.data() + j0, nj, v.rows.data() + i0, n, d, sim.data() + i0, N);
+      for (int64_t j = 0; j < nj; ++j)
+        for (int64_t i = i0; i < i0 + n; ++i) sim[j * N + i] *= pinv[j0 + j] * v.inv[i];
+    }
+    for (int64_t j = 0; j < nj; ++j) {
+      const float* row = sim.data() + j * N;
+      const int64_t cnt = top_finite(row, N, f, top.data());
+      for (int64_t r = 0; r < cnt; ++r) cover[top[r]] = std::max(cover[top[r]], row[top[r]]);
+    }
   }
   // Tokens in no T_j keep -inf and so are never picked.
   return top_finite(cover.data(), N, k_p, picks);
