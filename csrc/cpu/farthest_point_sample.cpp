@@ -37,7 +37,7 @@ void seed_distances(DType t, const std::vector<const void*>& rows, const float* 
   const int64_t nblk = (N + kRows - 1) / kRows;
 #pragma omp parallel if (parallel && N * S * d >= kParallelWork)
   {
-    std::vector<float> buf(kRows * kSeeds);
+    float buf[kRows * kSeeds];  // on the stack: nothing inside a parallel region may throw
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const int64_t i0 = blk * kRows, n = std::min(kRows, N - i0);
@@ -45,7 +45,7 @@ void seed_distances(DType t, const std::vector<const void*>& rows, const float* 
         const int64_t ns = std::min(kSeeds, S - s0);
         // Seeds as the 4-row side of the register tile, rows as the 6-column side: 24 rows and seed counts that are
         // multiples of 4 (the usual k_p) fill every tile.
-        dot_tile(t, srows.data() + s0, ns, rows.data() + i0, n, d, buf.data(), n);
+        dot_tile(t, srows.data() + s0, ns, rows.data() + i0, n, d, buf, n);
         for (int64_t s = 0; s < ns; ++s)
           for (int64_t r = 0; r < n; ++r)
             dist[i0 + r] = nan_min(dist[i0 + r], 1.0f - buf[s * n + r] * inv[i0 + r] * inv[seeds[s0 + s]]);
