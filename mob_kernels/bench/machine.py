@@ -48,7 +48,9 @@ def _git_commit() -> str | None:
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        # Results being rewritten by this very run do not make the measured code dirty.
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return rev + ("-dirty" if dirty else "") if rev else None
     except (OSError, subprocess.SubprocessError):
