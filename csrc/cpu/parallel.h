@@ -14,13 +14,18 @@ namespace mob::cpu {
 // (work = rough multiply-adds per sample); a single sample gets the threads inside instead (parallel = true).
 template <class F>
 void for_each_sample(int64_t B, int64_t work, F body) {
+  if (!(B > 1 && B * work >= kParallelWork)) {
+    // No OpenMP construct here, not even an inactive one: a parallel region inside another region is a nested team,
+    // which libgomp starts with fresh threads (~30 us a call here) instead of its warm top-level pool.
+    for (int64_t b = 0; b < B; ++b) body(b, B == 1);
+    return;
+  }
   std::exception_ptr error;
   std::mutex error_mutex;
-  const bool outer = B > 1 && B * work >= kParallelWork;
-#pragma omp parallel for schedule(dynamic, 1) if (outer)
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
     try {
-      body(b, B == 1);
+      body(b, false);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error) error = std::current_exception();
