@@ -309,6 +309,7 @@ def _fake_select(vis, prompt, k_p, k, *, fold=0, prompt_mask=None):
     v, unbatched = _check_vis(vis)
     _check_prompt(v, unbatched, prompt, prompt_mask)
     _check_budgets(v.shape[1], k_p, k)
+    _check_int("fold", fold)
     return vis.new_empty(_batch_shape(vis) + (k,), dtype=torch.int64)
 
 
