@@ -13,7 +13,7 @@ PIP         := $(BIN)/python -m pip
 TEST_DEPS   := pytest==9.2.0 hypothesis==6.170.15 pytest-benchmark==5.3.1 expecttest numpy triton==3.9.0 \
                transformers==5.23.0 pillow==13.0.0 scikit-learn==1.9.1
 BENCH_DEPS  := matplotlib==3.11.2 fpsample==1.0.2 faiss-cpu==1.15.1
-BUILD_DEPS  := "setuptools>=68" wheel "pybind11>=2.12" "cmake>=3.18" ninja
+BUILD_DEPS  := "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja
 SOURCES     := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
 .PHONY: install demo test bench fuzz test-asan test-large cuda-check clean
