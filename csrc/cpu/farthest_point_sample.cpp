@@ -99,27 +99,37 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
   for (; t < n; ++t) {
     const int64_t C = static_cast<int64_t>(centres.size());
     while (seen[heap.front().idx] != C) {
-      // Refresh the stale head of the heap in a batch of up to kBatch tokens: one register-tiled pass over the
-      // centres they missed instead of kBatch single-row passes. Re-applying a centre a token has already seen
-      // changes nothing (min is idempotent), so the batch starts from the smallest `seen` among them.
+      // Refresh the stale head of the heap in a batch of up to kBatch tokens: register-tiled passes over the centres
+      // they missed instead of single-row passes. The batch is ordered by how many centres each token has seen and
+      // cut into groups of 4 (the tile's row side); a group starts from its least-recent token, and re-applying a
+      // centre another token of the group already saw changes nothing (min is idempotent).
       stale.clear();
-      int64_t from = C;
+      dots.resize(static_cast<size_t>(kBatch) * static_cast<size_t>(std::max<int64_t>(C, 1)));
       while (!heap.empty() && static_cast<int64_t>(stale.size()) < kBatch && seen[heap.front().idx] != C) {
         stale.push_back(heap.front().idx);
-        from = std::min(from, seen[heap.front().idx]);
         std::pop_heap(heap.begin(), heap.end(), heap_less);
         heap.pop_back();
       }
-      const int64_t R = static_cast<int64_t>(stale.size()), cnt = C - from;
-      std::vector<const void*> srows(static_cast<size_t>(R));
-      for (int64_t r = 0; r < R; ++r) srows[static_cast<size_t>(r)] = rows[static_cast<size_t>(stale[r])];
-      dots.resize(static_cast<size_t>(R * cnt));
-      dot_tile(dtype, srows.data(), R, centre_rows.data() + from, cnt, d, dots.data(), cnt);
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t i = stale[r];
-        for (int64_t c = 0; c < cnt; ++c)
-          dist[i] = nan_min(dist[i], 1.0f - dots[r * cnt + c] * inv[i] * inv[centres[from + c]]);
-        seen[i] = C;
+      std::sort(stale.begin(), stale.end(), [&](int64_t a, int64_t b) { return seen[a] > seen[b]; });
+      const int64_t R = static_cast<int64_t>(stale.size()), groups = (R + 3) / 4;
+      const int64_t work = R * (C - seen[stale[R - 1]]) * d;
+      // The groups touch distinct tokens, so they can run on both cores when the refresh is large.
+#pragma omp parallel for schedule(static) if (parallel && groups > 1 && work >= kParallelWork / 4)
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t r0 = 4 * g, nr = std::min<int64_t>(4, R - r0), from = seen[stale[r0 + nr - 1]];
+        const int64_t cnt = C - from;
+        float* gdots = dots.data() + static_cast<size_t>(r0) * static_cast<size_t>(C);  // this group's rows of the R x C scratch
+        const void* grows[4];
+        for (int64_t r = 0; r < nr; ++r) grows[r] = rows[static_cast<size_t>(stale[r0 + r])];
+        dot_tile(dtype, grows, nr, centre_rows.data() + from, cnt, d, gdots, cnt);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = stale[r0 + r];
+          for (int64_t c = seen[i] - from; c < cnt; ++c)
+            dist[i] = nan_min(dist[i], 1.0f - gdots[r * cnt + c] * inv[i] * inv[centres[from + c]]);
+          seen[i] = C;
+        }
+      }
+      for (int64_t i : stale) {
         heap.push_back({rank_key(dist[i]), i});
         std::push_heap(heap.begin(), heap.end(), heap_less);
       }
