@@ -179,10 +179,6 @@ void dot_tile(DType t, const void* const* a, int64_t na, const void* const* b, i
   }
 }
 
-void sq_norms(DType t, const void* const* rows, int64_t n, int64_t d, float* out) {
-  for (int64_t i = 0; i < n; ++i) dot_tile(t, rows + i, 1, rows + i, 1, d, out + i, 1);
-}
-
 const char* dot_isa() {
   if (!isa().avx512) return "portable";
   return isa().bf16 ? "avx512-bf16" : "avx512";

@@ -45,14 +45,6 @@ inline float f16_to_float(uint16_t h) {
   return f;
 }
 
-inline float load_float(const void* base, DType t, int64_t i) {
-  switch (t) {
-    case DType::kFloat32: return static_cast<const float*>(base)[i];
-    case DType::kFloat16: return f16_to_float(static_cast<const uint16_t*>(base)[i]);
-    default: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-  }
-}
-
 inline const void* row_ptr(const Features& f, int64_t b, int64_t i) {
   const int64_t elem = f.dtype == DType::kFloat32 ? 4 : 2;
   return static_cast<const char*>(f.data) + (b * f.batch_stride + i * f.row_stride) * elem;
@@ -61,9 +53,6 @@ inline const void* row_ptr(const Features& f, int64_t b, int64_t i) {
 // out[r * ld + c] = dot(a[r], b[c]) for r < na, c < nb (row pointers into features of dtype t, d elements each).
 void dot_tile(DType t, const void* const* a, int64_t na, const void* const* b, int64_t nb, int64_t d, float* out,
               int64_t ld);
-
-// out[i] = squared L2 norm of row i, accumulated in float32.
-void sq_norms(DType t, const void* const* rows, int64_t n, int64_t d, float* out);
 
 // Which implementation dot_tile uses here ("avx512-bf16", "avx512" or "portable").
 const char* dot_isa();
