@@ -56,14 +56,29 @@ MOB_AVX512 inline __m512 load16(const Bf16* p, __mmask16 m) {  // bfloat16: the 
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
-template <int MR, int NR, class T>
-MOB_AVX512 void tile_fma(const void* const* a, const void* const* b, int64_t off, int64_t d, float* out, int64_t ld,
-                         bool add) {
-  __m512 acc[MR][NR];
+// The accumulator block of one register tile: cleared before the pass over d, summed lane-wise into out after it
+// (added to what out holds when add is set). Always inlined so the block stays in registers.
+#define MOB_TILE_HELPER MOB_AVX512 inline __attribute__((always_inline))
+template <int MR, int NR>
+MOB_TILE_HELPER void zero_tile(__m512 (&acc)[MR][NR]) {
   #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
     #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+}
+template <int MR, int NR>
+MOB_TILE_HELPER void store_tile(const __m512 (&acc)[MR][NR], float* out, int64_t ld, bool add) {
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) out[r * ld + c] = (add ? out[r * ld + c] : 0.f) + _mm512_reduce_add_ps(acc[r][c]);
+}
+
+template <int MR, int NR, class T>
+MOB_AVX512 void tile_fma(const void* const* a, const void* const* b, int64_t off, int64_t d, float* out, int64_t ld,
+                         bool add) {
+  __m512 acc[MR][NR];
+  zero_tile<MR, NR>(acc);
   for (int64_t i = off; i < d; i += 16) {
     const __mmask16 m = d - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - i)) - 1u);
     __m512 av[MR];
@@ -76,10 +91,7 @@ MOB_AVX512 void tile_fma(const void* const* a, const void* const* b, int64_t off
       for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_fmadd_ps(av[r], bv, acc[r][c]);
     }
   }
-  #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 8
-    for (int c = 0; c < NR; ++c) out[r * ld + c] = (add ? out[r * ld + c] : 0.f) + _mm512_reduce_add_ps(acc[r][c]);
+  store_tile<MR, NR>(acc, out, ld, add);
 }
 
 // bfloat16 pairs: vdpbf16ps multiplies 32 bf16 pairs exactly and accumulates in float32.
@@ -87,10 +99,7 @@ template <int MR, int NR>
 MOB_AVX512 void tile_bf16(const void* const* a, const void* const* b, int64_t off, int64_t d, float* out, int64_t ld,
                           bool add) {
   __m512 acc[MR][NR];
-  #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 8
-    for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+  zero_tile<MR, NR>(acc);
   for (int64_t i = off; i < d; i += 32) {
     const __mmask32 m = d - i >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (d - i)) - 1u);
     __m512bh av[MR];
@@ -104,10 +113,7 @@ MOB_AVX512 void tile_bf16(const void* const* a, const void* const* b, int64_t of
       for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av[r], bv);
     }
   }
-  #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 8
-    for (int c = 0; c < NR; ++c) out[r * ld + c] = (add ? out[r * ld + c] : 0.f) + _mm512_reduce_add_ps(acc[r][c]);
+  store_tile<MR, NR>(acc, out, ld, add);
 }
 
 // Dot products over elements [off, d) of each row; add = accumulate into out instead of overwriting.
