@@ -26,11 +26,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "prompt_cover_cpu",
       [](int64_t B, int64_t N, int64_t L, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs, int64_t vis_rs,
-         uintptr_t prompt, int64_t pr_bs, int64_t pr_rs, uintptr_t mask, int64_t k_p, int64_t fold, uintptr_t picks,
+         uintptr_t prompt, int64_t pr_bs, int64_t pr_rs, uintptr_t mask, int64_t k_p, uintptr_t fold, uintptr_t picks,
          uintptr_t count) {
         Features v = features(vis, dtype, vis_bs, vis_rs), p = features(prompt, dtype, pr_bs, pr_rs);
         py::gil_scoped_release release;
-        mob::prompt_cover_cpu(B, N, L, d, v, p, reinterpret_cast<const bool*>(mask), k_p, fold,
+        mob::prompt_cover_cpu(B, N, L, d, v, p, reinterpret_cast<const bool*>(mask), k_p,
+                              reinterpret_cast<const int64_t*>(fold),
                               reinterpret_cast<int64_t*>(picks), reinterpret_cast<int64_t*>(count));
       });
 
@@ -46,10 +47,10 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("select_cpu", [](int64_t B, int64_t N, int64_t L, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs,
                          int64_t vis_rs, uintptr_t prompt, int64_t pr_bs, int64_t pr_rs, uintptr_t mask, int64_t k_p,
-                         int64_t k, int64_t fold, uintptr_t out) {
+                         int64_t k, uintptr_t fold, uintptr_t out) {
     Features v = features(vis, dtype, vis_bs, vis_rs), p = features(prompt, dtype, pr_bs, pr_rs);
     py::gil_scoped_release release;
-    mob::select_cpu(B, N, L, d, v, p, reinterpret_cast<const bool*>(mask), k_p, k, fold,
+    mob::select_cpu(B, N, L, d, v, p, reinterpret_cast<const bool*>(mask), k_p, k, reinterpret_cast<const int64_t*>(fold),
                     reinterpret_cast<int64_t*>(out));
   });
 

@@ -18,9 +18,10 @@ struct Features {
 };
 
 // SPEC §2 steps 0-2. picks [B, k_p] by descending covering score, -1 padded; count [B].
-// mask [B, L] (true = real prompt row). fold 0 = max(1, ceil(k_p / L_valid)) per sample.
+// mask [B, L] (true = real prompt row). fold [B]: each sample's neighbour count f in [0, N], resolved by the caller
+// (mob_kernels/methods/mob.py resolve_fold is the one place the automatic fold is computed).
 void prompt_cover_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt, const bool* mask,
-                      int64_t k_p, int64_t fold, int64_t* picks, int64_t* count);
+                      int64_t k_p, const int64_t* fold, int64_t* picks, int64_t* count);
 
 // SPEC §2 step 3. seed [B, m] (-1 = none) are taken and seed the distances; sample b makes
 // min(num_picks[b], k, untaken) picks, written to out [B, k] in selection order, -1 padded.
@@ -29,6 +30,6 @@ void farthest_point_sample_cpu(int64_t B, int64_t N, int64_t d, Features vis, co
 
 // SPEC §2 whole: out [B, k] sorted ascending.
 void select_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt, const bool* mask,
-                int64_t k_p, int64_t k, int64_t fold, int64_t* out);
+                int64_t k_p, int64_t k, const int64_t* fold, int64_t* out);
 
 }  // namespace mob

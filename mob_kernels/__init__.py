@@ -1,26 +1,37 @@
-"""mob_kernels: fast, exact MoB visual-token selection (prompt cover + farthest point sampling).
+"""mob_kernels: fast, exact, batched visual-token selection for multimodal LLMs.
 
     import mob_kernels
-    keep = mob_kernels.select(vis, prompt, k_p=32, k=64)        # or torch.ops.mob.select(vis, prompt, 32, 64)
+    keep = mob_kernels.select(vis, prompt, k_p=32, k=64)     # MoB; also torch.ops.mob.select(vis, prompt, 32, 64)
+    keep = mob_kernels.divprune(vis, 64)                     # DivPrune
+    keep = mob_kernels.cdpruner(vis, relevance, 64)          # CDPruner
 
-See SPEC.md (shipped as the docstrings of ``mob_kernels.reference``) for the exact contract.
+docs/contract.md is the contract; ``mob_kernels.backends.reference`` with the compositions in ``mob_kernels.methods``
+implements it plainly, and every backend is tested against it.
 """
 
-from .ops import (
-    BackendUnavailableError,
-    available_backends,
+from ._version import __version__
+from .errors import BackendUnavailableError
+from .methods import (
+    cdpruner,
+    cdpruner_relevance,
+    divprune,
     farthest_point_sample,
+    prompt_budget,
     prompt_cover,
-    resolve_backend,
     select,
 )
-
-__version__ = "0.1.0"
+from .registry import available_backends, budget_arguments, methods, resolve_backend
 
 __all__ = [
     "select",
     "prompt_cover",
     "farthest_point_sample",
+    "divprune",
+    "cdpruner",
+    "cdpruner_relevance",
+    "prompt_budget",
+    "methods",
+    "budget_arguments",
     "available_backends",
     "resolve_backend",
     "BackendUnavailableError",

@@ -47,17 +47,19 @@ struct VisRows {
 };
 
 // Per-sample parts, so select_cpu can run cover and FPS back to back on one sample.
-// prompt_cover_sample: picks[0..k_p) (-1 padded), returns the count.
+// prompt_cover_sample: picks[0..k_p) (-1 padded), returns the count. f is the sample's resolved neighbour count.
 int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Features& vis, const VisRows& v,
-                            const Features& prompt, const bool* mask, int64_t k_p, int64_t fold, int64_t* picks,
+                            const Features& prompt, const bool* mask, int64_t k_p, int64_t f, int64_t* picks,
                             bool parallel);
 // fps_sample: out[0..k) in selection order, -1 padded.
 void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64_t* seed, int64_t m, int64_t num_picks,
                 int64_t k, int64_t* out, bool parallel);
 
-// Throws std::invalid_argument unless 0 <= k_p <= k <= N, fold >= 0 and sizes >= 0: a direct caller of the extension
-// can then never make a kernel index out of bounds.
-void check_sizes(int64_t B, int64_t N, int64_t L, int64_t d, int64_t k_p, int64_t k, int64_t fold);
+// Throws std::invalid_argument unless 0 <= k_p <= k <= N and sizes >= 0: a direct caller of the extension can then
+// never make a kernel index out of bounds.
+void check_sizes(int64_t B, int64_t N, int64_t L, int64_t d, int64_t k_p, int64_t k);
+// Throws std::invalid_argument unless 0 <= f <= N.
+void check_fold(int64_t f, int64_t N);
 
 }  // namespace mob::cpu
 

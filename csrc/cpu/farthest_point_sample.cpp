@@ -148,7 +148,7 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
 
 void mob::farthest_point_sample_cpu(int64_t B, int64_t N, int64_t d, Features vis, const int64_t* seed, int64_t m,
                                     const int64_t* num_picks, int64_t k, int64_t* out) {
-  cpu::check_sizes(B, N, 0, d, 0, k, 0);
+  cpu::check_sizes(B, N, 0, d, 0, k);
   if (m < 0) throw std::invalid_argument("seed width m must be >= 0, got m=" + std::to_string(m));
   cpu::for_each_sample(B, N * d * (m + 1), [&](int64_t b, bool parallel) {
     const cpu::VisRows v(vis, b, N, d, parallel);

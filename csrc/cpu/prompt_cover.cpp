@@ -45,15 +45,15 @@ void inverse_norms(DType t, const std::vector<const void*>& rows, int64_t d, flo
 }
 
 int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Features& vis, const VisRows& v,
-                            const Features& prompt, const bool* mask, int64_t k_p, int64_t fold, int64_t* picks,
+                            const Features& prompt, const bool* mask, int64_t k_p, int64_t f, int64_t* picks,
                             bool parallel) {
   std::fill(picks, picks + k_p, int64_t{-1});
   std::vector<const void*> prows;
   for (int64_t j = 0; j < L; ++j)
     if (mask[b * L + j]) prows.push_back(row_ptr(prompt, b, j));
   const int64_t Lv = static_cast<int64_t>(prows.size());
-  if (k_p == 0 || N == 0 || Lv == 0) return 0;
-  const int64_t f = std::min(N, fold > 0 ? fold : std::max<int64_t>(1, (k_p + Lv - 1) / Lv));
+  check_fold(f, N);
+  if (k_p == 0 || N == 0 || Lv == 0 || f == 0) return 0;
 
   std::vector<float> pnorm(Lv), pinv(Lv);
   inverse_norms(prompt.dtype, prows, d, pnorm.data(), pinv.data(), parallel);
@@ -86,10 +86,10 @@ int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Fe
 }  // namespace mob::cpu
 
 void mob::prompt_cover_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt,
-                           const bool* mask, int64_t k_p, int64_t fold, int64_t* picks, int64_t* count) {
-  cpu::check_sizes(B, N, L, d, k_p, k_p, fold);
+                           const bool* mask, int64_t k_p, const int64_t* fold, int64_t* picks, int64_t* count) {
+  cpu::check_sizes(B, N, L, d, k_p, k_p);
   cpu::for_each_sample(B, N * d * (L + 1), [&](int64_t b, bool parallel) {
     const cpu::VisRows v(vis, b, N, d, parallel);
-    count[b] = cpu::prompt_cover_sample(b, N, L, d, vis, v, prompt, mask, k_p, fold, picks + b * k_p, parallel);
+    count[b] = cpu::prompt_cover_sample(b, N, L, d, vis, v, prompt, mask, k_p, fold[b], picks + b * k_p, parallel);
   });
 }

@@ -44,13 +44,14 @@ void bind_cuda(py::module_& m) {
 
   m.def("prompt_cover_cuda", [](int device, uintptr_t stream, int64_t B, int64_t N, int64_t L, int64_t d, int dtype,
                                 uintptr_t vis, int64_t vis_bs, int64_t vis_rs, uintptr_t prompt, int64_t pr_bs,
-                                int64_t pr_rs, uintptr_t mask, int64_t k_p, int64_t fold, uintptr_t picks,
+                                int64_t pr_rs, uintptr_t mask, int64_t k_p, uintptr_t fold, uintptr_t picks,
                                 uintptr_t count, uintptr_t workspace, int64_t workspace_bytes, int64_t options) {
     const mob::Features v = device_features(vis, dtype, vis_bs, vis_rs), p = device_features(prompt, dtype, pr_bs, pr_rs);
     std::string err;
     {
       py::gil_scoped_release release;
-      err = mob::prompt_cover_cuda(device, ptr<void>(stream), B, N, L, d, v, p, ptr<const bool>(mask), k_p, fold,
+      err = mob::prompt_cover_cuda(device, ptr<void>(stream), B, N, L, d, v, p, ptr<const bool>(mask), k_p,
+                                   ptr<const int64_t>(fold),
                                    ptr<int64_t>(picks), ptr<int64_t>(count), ptr<void>(workspace), workspace_bytes,
                                    options);
     }
@@ -74,13 +75,14 @@ void bind_cuda(py::module_& m) {
 
   m.def("select_cuda", [](int device, uintptr_t stream, int64_t B, int64_t N, int64_t L, int64_t d, int dtype,
                           uintptr_t vis, int64_t vis_bs, int64_t vis_rs, uintptr_t prompt, int64_t pr_bs,
-                          int64_t pr_rs, uintptr_t mask, int64_t k_p, int64_t k, int64_t fold, uintptr_t out,
+                          int64_t pr_rs, uintptr_t mask, int64_t k_p, int64_t k, uintptr_t fold, uintptr_t out,
                           uintptr_t workspace, int64_t workspace_bytes, int64_t options) {
     const mob::Features v = device_features(vis, dtype, vis_bs, vis_rs), p = device_features(prompt, dtype, pr_bs, pr_rs);
     std::string err;
     {
       py::gil_scoped_release release;
-      err = mob::select_cuda(device, ptr<void>(stream), B, N, L, d, v, p, ptr<const bool>(mask), k_p, k, fold,
+      err = mob::select_cuda(device, ptr<void>(stream), B, N, L, d, v, p, ptr<const bool>(mask), k_p, k,
+                             ptr<const int64_t>(fold),
                              ptr<int64_t>(out), ptr<void>(workspace), workspace_bytes, options);
     }
     raise_if_error(err);

@@ -248,7 +248,7 @@ std::string launch_row_norms(cudaStream_t stream, int64_t B, int64_t R, int64_t 
 // SPEC steps 1-2 given the inverse norms in the workspace: picks [B, k_p] (-1 padded), count [B]. (prompt_cover.cu)
 std::string launch_prompt_cover(cudaStream_t stream, int device, int64_t B, int64_t N, int64_t L, int64_t d,
                                 const Features& vis, const Features& prompt, const bool* mask, int64_t k_p,
-                                int64_t fold, int64_t* picks, int64_t* count, void* workspace, const Layout& l,
+                                const int64_t* fold, int64_t* picks, int64_t* count, void* workspace, const Layout& l,
                                 int64_t options);
 
 // SPEC step 3 given the norms in the workspace. Sample b makes min(want, k, untaken) picks, where want is

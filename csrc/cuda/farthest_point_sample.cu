@@ -207,11 +207,11 @@ std::string farthest_point_sample_cuda(int device, void* stream, int64_t B, int6
 }
 
 std::string select_cuda(int device, void* stream, int64_t B, int64_t N, int64_t L, int64_t d, Features vis,
-                        Features prompt, const bool* mask, int64_t k_p, int64_t k, int64_t fold, int64_t* out,
+                        Features prompt, const bool* mask, int64_t k_p, int64_t k, const int64_t* fold, int64_t* out,
                         void* workspace, int64_t workspace_bytes, int64_t options) {
   std::string err = check_sizes(B, N, L, d, k);
   if (err.empty() && (k_p < 0 || k_p > k)) err = "k_p must be in [0, k], got k_p=" + std::to_string(k_p);
-  if (err.empty() && fold < 0) err = "fold must be >= 0, got fold=" + std::to_string(fold);
+  if (err.empty() && !fold && B > 0) err = "fold must not be null";
   const gpu::Layout l = gpu::workspace_layout(2, B, N, L, k_p);
   if (err.empty()) err = check_workspace(l, workspace_bytes);
   if (err.empty()) err = gpu::use_device(device);

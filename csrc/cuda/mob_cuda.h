@@ -27,7 +27,7 @@ int64_t cuda_workspace_bytes(int op, int64_t B, int64_t N, int64_t L, int64_t k_
 
 // SPEC §2 steps 0-2 (see mob.h's prompt_cover_cpu). mask, picks, count live on the device.
 std::string prompt_cover_cuda(int device, void* stream, int64_t B, int64_t N, int64_t L, int64_t d, Features vis,
-                              Features prompt, const bool* mask, int64_t k_p, int64_t fold, int64_t* picks,
+                              Features prompt, const bool* mask, int64_t k_p, const int64_t* fold, int64_t* picks,
                               int64_t* count, void* workspace, int64_t workspace_bytes, int64_t options);
 
 // SPEC §2 step 3 (see mob.h's farthest_point_sample_cpu). seed [B, m], num_picks [B], out [B, k] on the device.
@@ -37,7 +37,7 @@ std::string farthest_point_sample_cuda(int device, void* stream, int64_t B, int6
 
 // SPEC §2 whole (see mob.h's select_cpu): out [B, k] sorted ascending, on the device.
 std::string select_cuda(int device, void* stream, int64_t B, int64_t N, int64_t L, int64_t d, Features vis,
-                        Features prompt, const bool* mask, int64_t k_p, int64_t k, int64_t fold, int64_t* out,
+                        Features prompt, const bool* mask, int64_t k_p, int64_t k, const int64_t* fold, int64_t* out,
                         void* workspace, int64_t workspace_bytes, int64_t options);
 
 // CUDART_VERSION this library was compiled against (e.g. 13000), for diagnostics.

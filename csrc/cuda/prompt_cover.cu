@@ -60,24 +60,13 @@ __global__ void __launch_bounds__(kTile* kTileRows)
   }
 }
 
-// f for sample b: fold, or max(1, ceil(k_p / L_valid)), capped at N. Every thread of the block must call it.
-__device__ __forceinline__ int64_t fold_of(const bool* mask, int64_t b, int64_t L, int64_t N, int64_t k_p, int64_t fold,
-                           int64_t* scratch) {
-  int64_t valid = 0;
-  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) valid += mask[b * L + j] ? 1 : 0;
-  valid = block_sum(valid, scratch);
-  int64_t f = fold > 0 ? fold : (valid > 0 ? (k_p + valid - 1) / valid : 1);
-  if (f < 1) f = 1;
-  return f < N ? f : N;
-}
-
 __global__ void __launch_bounds__(kRowThreads)
-    membership_kernel(const float* sim, const bool* mask, int64_t B, int64_t N, int64_t L, int64_t k_p,
-                      int64_t fold, float* member, bool row_in_shared) {
+    membership_kernel(const float* sim, const bool* mask, int64_t B, int64_t N, int64_t L, const int64_t* fold,
+                      float* member, bool row_in_shared) {
   extern __shared__ float shared_row[];
-  __shared__ int64_t scratch[kWarp + 1];
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const int64_t f = fold_of(mask, b, L, N, k_p, fold, scratch);
+    // The sample's neighbour count f, resolved by the caller (mob_kernels/methods/mob.py resolve_fold), in [0, N].
+    const int64_t f = fold[b] < 0 ? 0 : (fold[b] > N ? N : fold[b]);
     for (int64_t j = blockIdx.x; j < L; j += gridDim.x) {
       const float* src = sim + (b * L + j) * N;
       float* dst = member + (b * L + j) * N;
@@ -141,7 +130,7 @@ __global__ void __launch_bounds__(kRowThreads)
 
 std::string launch_prompt_cover(cudaStream_t stream, int device, int64_t B, int64_t N, int64_t L, int64_t d,
                                 const Features& vis, const Features& prompt, const bool* mask, int64_t k_p,
-                                int64_t fold, int64_t* picks, int64_t* count, void* workspace, const Layout& l,
+                                const int64_t* fold, int64_t* picks, int64_t* count, void* workspace, const Layout& l,
                                 int64_t options) {
   if (B == 0) return "";
   if (k_p == 0 || N == 0 || L == 0) {  // S_p is empty: all -1 picks (every byte 0xff), zero counts
@@ -171,7 +160,7 @@ std::string launch_prompt_cover(cudaStream_t stream, int device, int64_t B, int6
   const int64_t row_bytes = N * static_cast<int64_t>(sizeof(float));
   const bool row_in_shared = shared_memory_fits(membership_kernel, row_bytes, device, options);
   membership_kernel<<<dim3(grid_dim(L, 65535), grid_dim(B, 65535)), kRowThreads, row_in_shared ? row_bytes : 0,
-                      stream>>>(sim, mask, B, N, L, k_p, fold, member, row_in_shared);
+                      stream>>>(sim, mask, B, N, L, fold, member, row_in_shared);
   if (!(err = check_launch("membership_kernel")).empty()) return err;
 
   const bool cover_in_shared = shared_memory_fits(cover_kernel, row_bytes, device, options);
@@ -183,12 +172,12 @@ std::string launch_prompt_cover(cudaStream_t stream, int device, int64_t B, int6
 }  // namespace mob::gpu
 
 std::string mob::prompt_cover_cuda(int device, void* stream, int64_t B, int64_t N, int64_t L, int64_t d,
-                                   Features vis, Features prompt, const bool* mask, int64_t k_p, int64_t fold,
+                                   Features vis, Features prompt, const bool* mask, int64_t k_p, const int64_t* fold,
                                    int64_t* picks, int64_t* count, void* workspace, int64_t workspace_bytes,
                                    int64_t options) {
   if (B < 0 || N < 0 || L < 0 || d < 0) return "sizes must be >= 0";
   if (k_p < 0 || k_p > N) return "k_p must be in [0, N], got k_p=" + std::to_string(k_p);
-  if (fold < 0) return "fold must be >= 0, got fold=" + std::to_string(fold);
+  if (!fold && B > 0) return "fold must not be null";
   const gpu::Layout l = gpu::workspace_layout(0, B, N, L, k_p);
   if (l.total < 0 || workspace_bytes < l.total)
     return "workspace too small: need " + std::to_string(l.total) + " bytes, got " + std::to_string(workspace_bytes);

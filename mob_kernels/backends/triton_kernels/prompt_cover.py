@@ -1,7 +1,7 @@
 """Triton prompt cover: MoB's prompt-alignment set (SPEC.md §2 steps 0-2) in one launch for the whole batch.
 
 Computes, per sample b: v̂ = v / max(|v|, 1e-12), p̂ likewise; S[j, i] = p̂_j · v̂_i for the valid prompt rows j; for each
-valid row the f best tokens T_j (f = fold, or max(1, ceil(k_p / L_valid)) when fold = 0, capped at N); the covering
+valid row the f best tokens T_j (f = fold[b], the sample's neighbour count, resolved by the caller); the covering
 score c(i) = max{S[j, i] : i ∈ T_j}; and the min(k_p, #candidates) candidates with the largest c, by descending score,
 -1 padded, plus that count. Ties go to the lower index; a non-finite similarity never makes a token a candidate.
 
@@ -59,19 +59,12 @@ def _finite_key(s, i):
 
 @triton.jit
 def _finish_sample(
-    sim_ptr, cover_ptr, mask_ptr, picks_ptr, count_ptr, b, N, L, k_p, fold,
+    sim_ptr, cover_ptr, mask_ptr, fold_ptr, picks_ptr, count_ptr, b, N, L, k_p,
     FIN_BLOCK_N: tl.constexpr, FIN_BLOCK_L: tl.constexpr, SORT_TOP: tl.constexpr,
 ):
     sim_b = sim_ptr + b.to(tl.int64) * L * N
     cover_b = cover_ptr + b.to(tl.int64) * N
-    # L_valid and the fold (SPEC §1: fold = 0 means max(1, ceil(k_p / L_valid)); f = min(fold, N)).
-    n_valid = 0
-    for l0 in range(0, L, FIN_BLOCK_L):
-        j = l0 + tl.arange(0, FIN_BLOCK_L)
-        n_valid += tl.sum(tl.load(mask_ptr + b * L + j, mask=j < L, other=0).to(tl.int32), 0)
-    denom = tl.maximum(n_valid, 1)
-    f = tl.where(fold > 0, fold, tl.maximum((k_p + denom - 1) // denom, 1))
-    f = tl.where(n_valid > 0, tl.minimum(f, N), 0)
+    f = tl.minimum(tl.maximum(tl.load(fold_ptr + b).to(tl.int32), 0), N)  # resolved by the caller, in [0, N]
 
     for n0 in range(0, N, FIN_BLOCK_N):
         i = n0 + tl.arange(0, FIN_BLOCK_N)
@@ -134,8 +127,8 @@ def _finish_sample(
 
 @triton.jit
 def _prompt_cover_kernel(
-    vis_ptr, prompt_ptr, mask_ptr, sim_ptr, cover_ptr, ticket_ptr, picks_ptr, count_ptr,
-    N, L, d, k_p, fold,
+    vis_ptr, prompt_ptr, mask_ptr, fold_ptr, sim_ptr, cover_ptr, ticket_ptr, picks_ptr, count_ptr,
+    N, L, d, k_p,
     stride_vb, stride_vn, stride_pb, stride_pl,
     IS_FP32: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     FIN_BLOCK_N: tl.constexpr, FIN_BLOCK_L: tl.constexpr, SORT_TOP: tl.constexpr,
@@ -179,7 +172,7 @@ def _prompt_cover_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr + b, 1, sem="acq_rel", scope="gpu")
     if ticket == n_tiles - 1:
-        _finish_sample(sim_ptr, cover_ptr, mask_ptr, picks_ptr, count_ptr, b, N, L, k_p, fold,
+        _finish_sample(sim_ptr, cover_ptr, mask_ptr, fold_ptr, picks_ptr, count_ptr, b, N, L, k_p,
                        FIN_BLOCK_N, FIN_BLOCK_L, SORT_TOP)
 
 
@@ -192,15 +185,15 @@ def prompt_cover(
     prompt: torch.Tensor,
     mask: torch.Tensor,
     k_p: int,
-    fold: int = 0,
+    fold: torch.Tensor,
     *,
     block_n: int | None = None,
     block_d: int | None = None,
     fin_block_n: int | None = None,
     sort_top: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC §2 steps 0-2 on batched inputs: ``vis`` [B, N, d], ``prompt`` [B, L, d] (float32 / float16 / bfloat16,
-    unit stride in d), ``mask`` [B, L] bool. Returns (picks [B, k_p] int64 by descending score, -1 padded; count [B]).
+    """MoB's prompt cover on batched inputs: ``vis`` [B, N, d], ``prompt`` [B, L, d] (float32 / float16 / bfloat16,
+    unit stride in d), ``mask`` [B, L] bool, ``fold`` [B] int64 each sample's neighbour count f in [0, N]. Returns (picks [B, k_p] int64 by descending score, -1 padded; count [B]).
     Host-sync free with fixed output shapes (CUDA-graph capturable). ``block_*`` override the tile sizes (tests use
     small ones to exercise the multi-tile paths); ``sort_top`` picks the bitonic-sort top-k_p (needs N <= fin_block_n)
     over the k_p max-passes."""
@@ -231,8 +224,8 @@ def prompt_cover(
     count = torch.empty(B, dtype=torch.int64, device=dev)
     grid = (triton.cdiv(N, block_n), B)
     _prompt_cover_kernel[grid](
-        vis, prompt, mask.view(torch.uint8), sim, cover, tickets, picks, count,
-        N, L, d, k_p, fold,
+        vis, prompt, mask.view(torch.uint8), fold, sim, cover, tickets, picks, count,
+        N, L, d, k_p,
         vis.stride(0), vis.stride(1), prompt.stride(0), prompt.stride(1),
         IS_FP32=vis.dtype == torch.float32, DOT_IN_FP32=interp and vis.dtype == torch.bfloat16, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_D=block_d,
         FIN_BLOCK_N=fin_block_n, FIN_BLOCK_L=fin_block_l, SORT_TOP=sort_top,
