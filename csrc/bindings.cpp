@@ -1,6 +1,7 @@
 // pybind11 module mob_kernels._C: thin wrappers from Python ints (pointers, sizes, strides) to csrc/mob.h.
 // Python (mob_kernels/cpu.py, mob_kernels/cuda.py) checks every argument first; the GIL is released while C++ runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
@@ -55,7 +56,18 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("dot_isa", [] { return std::string(mob::cpu::dot_isa()); },
-        "which dot-product implementation the CPU backend uses here: avx512-bf16, avx512 or portable");
+        "which dot-product implementation the CPU backend uses now: avx512-bf16, avx512, avx2 or portable");
+  m.def("supported_dot_isas", &mob::cpu::supported_dot_isas,
+        "the dot-product implementations this CPU can run, from portable up");
+  m.def(
+      "set_dot_isa",
+      [](const std::string& name) {
+        const char* now = mob::cpu::set_dot_isa(name.c_str());
+        if (!now) throw py::value_error("isa must be auto, portable, avx2, avx512 or avx512-bf16, got " + name);
+        return std::string(now);
+      },
+      "narrow the dot-product implementation to `isa` (or the best below it this CPU runs; 'auto': the best); "
+      "returns the one now in use. Meant for tests: not while kernels run on other threads");
 
 #ifdef MOB_WITH_CUDA
   m.attr("WITH_CUDA") = true;

@@ -1,11 +1,18 @@
-// Implementations of dot.h: an AVX-512 register-tiled kernel (chosen at run time) and a portable fallback.
+// Implementations of dot.h: register-tiled AVX-512 and AVX2 + FMA kernels (x86-64, chosen at run time) and a portable
+// fallback written for the auto-vectoriser (SSE2 on baseline x86-64, NEON on aarch64).
 #include "cpu/dot.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define MOB_X86 1
+#include <immintrin.h>
+#else
+#define MOB_X86 0
+#endif
 
 namespace mob::cpu {
 namespace {
@@ -40,6 +47,48 @@ void dot_tile_portable(DType t, const void* const* a, int64_t na, const void* co
     }
 }
 
+// Dot products over elements [off, d) of each row; add = accumulate into out instead of overwriting.
+using TileFn = void (*)(const void* const*, const void* const*, int64_t, int64_t, float*, int64_t, bool);
+
+struct Bf16 {  // bfloat16 storage: sizeof must be 2 for the row pointer arithmetic
+  uint16_t bits;
+};
+
+// d in chunks of kChunk elements: the rows of one chunk stay in L1/L2 while all tiles of the block pass over them.
+constexpr int64_t kChunk = 1024;
+
+// The driver shared by the register-tiled kernels: Kernel::MR x Kernel::NR tiles over the na x nb block, edge tiles
+// dispatched on the actual block size so every call does exactly na x nb dots.
+template <class Kernel, int R, int C>
+TileFn edge_tile(DType t, bool bf, int64_t nr, int64_t nc) {
+  if constexpr (R > 1) {
+    if (nr < R) return edge_tile<Kernel, R - 1, C>(t, bf, nr, nc);
+  }
+  if constexpr (C > 1) {
+    if (nc < C) return edge_tile<Kernel, R, C - 1>(t, bf, nr, nc);
+  }
+  return Kernel::template pick<R, C>(t, bf);
+}
+
+template <class Kernel>
+void dot_tile_tiled(DType t, bool bf, const void* const* a, int64_t na, const void* const* b, int64_t nb, int64_t d,
+                    float* out, int64_t ld) {
+  constexpr int MR = Kernel::MR, NR = Kernel::NR;
+  for (int64_t off = 0; off < d; off += kChunk) {
+    const int64_t end = std::min(d, off + kChunk);
+    for (int64_t r = 0; r < na; r += MR) {
+      const int64_t nr = std::min<int64_t>(MR, na - r);
+      for (int64_t c = 0; c < nb; c += NR) {
+        const int64_t nc = std::min<int64_t>(NR, nb - c);
+        const TileFn tile =
+            nr == MR && nc == NR ? Kernel::template pick<MR, NR>(t, bf) : edge_tile<Kernel, MR, NR>(t, bf, nr, nc);
+        tile(a + r, b + c, off, end, out + r * ld + c, ld, off > 0);
+      }
+    }
+  }
+}
+
+#if MOB_X86
 // ---- AVX-512: MR x NR dot products per pass over d, MR*NR accumulators in zmm registers ------------------------------
 #define MOB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")))
 
@@ -48,9 +97,6 @@ MOB_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_mas
 MOB_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {  // float16
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
-struct Bf16 {  // bfloat16 storage: sizeof must be 2 for the row pointer arithmetic
-  uint16_t bits;
-};
 MOB_AVX512 inline __m512 load16(const Bf16* p, __mmask16 m) {  // bfloat16: the high half of a float32
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
@@ -116,48 +162,128 @@ MOB_AVX512 void tile_bf16(const void* const* a, const void* const* b, int64_t of
   store_tile<MR, NR>(acc, out, ld, add);
 }
 
-// Dot products over elements [off, d) of each row; add = accumulate into out instead of overwriting.
-using TileFn = void (*)(const void* const*, const void* const*, int64_t, int64_t, float*, int64_t, bool);
-
-template <int MR, int NR>
-TileFn pick_tile(DType t, bool bf16_dot) {
-  if (t == DType::kFloat32) return tile_fma<MR, NR, float>;
-  if (t == DType::kFloat16) return tile_fma<MR, NR, uint16_t>;
-  return bf16_dot ? tile_bf16<MR, NR> : tile_fma<MR, NR, Bf16>;
-}
-
 // Register tile 4 x 6: 24 accumulators + 4 row operands + 1 column operand fit in the 32 zmm registers.
-constexpr int MR = 4, NR = 6;
-constexpr int64_t kChunk = 1024;
-
-struct Isa {
-  bool avx512 = false, bf16 = false;
-  Isa() {
-    __builtin_cpu_init();
-    avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
-    // MOB_CPU_ISA=portable|avx512 narrows the choice (tests run every implementation on one machine).
-    const char* want = std::getenv("MOB_CPU_ISA");
-    if (want && std::strcmp(want, "portable") == 0) avx512 = bf16 = false;
-    if (want && std::strcmp(want, "avx512") == 0) bf16 = false;
+struct Avx512Kernel {
+  static constexpr int MR = 4, NR = 6;
+  template <int R, int C>
+  static TileFn pick(DType t, bool bf16_dot) {
+    if (t == DType::kFloat32) return tile_fma<R, C, float>;
+    if (t == DType::kFloat16) return tile_fma<R, C, uint16_t>;
+    return bf16_dot ? tile_bf16<R, C> : tile_fma<R, C, Bf16>;
   }
 };
-const Isa& isa() {
-  static const Isa i;
-  return i;
+
+// ---- AVX2 + FMA: the same scheme on 8-lane ymm registers (Zen 2/3, Haswell and later without AVX-512) --------------
+#define MOB_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MOB_AVX2_HELPER MOB_AVX2 inline __attribute__((always_inline))
+
+// Eight elements as float32 lanes. float16 through F16C; bfloat16 is the high half of a float32, so zero-extending
+// each 16-bit value to 32 bits and shifting it up 16 is the exact conversion.
+MOB_AVX2_HELPER __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+MOB_AVX2_HELPER __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+MOB_AVX2_HELPER __m256 load8(const Bf16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+// The last n < 8 elements of a row, zero-padded through a stack copy: AVX2 has no masked 16-bit load, and the row
+// must never be read past its end.
+template <class T>
+MOB_AVX2_HELPER __m256 load8_tail(const T* p, int64_t n) {
+  T buf[8];
+  std::memset(buf, 0, sizeof(buf));
+  std::memcpy(buf, p, static_cast<size_t>(n) * sizeof(T));
+  return load8(buf);
 }
 
-// Edge tiles dispatch on the actual block size so every call does exactly na x nb dots.
-template <int R, int C>
-TileFn edge(DType t, bool bf, int64_t nr, int64_t nc) {
-  if constexpr (R > 1) {
-    if (nr < R) return edge<R - 1, C>(t, bf, nr, nc);
+MOB_AVX2_HELPER float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One step: the NR column operands are loaded first and each row operand is consumed as soon as it is loaded, so a
+// 4 x 3 tile needs 12 accumulators + 3 column operands + 1 row operand: exactly the 16 ymm registers.
+template <int MR, int NR, class T, bool kTail>
+MOB_AVX2_HELPER void avx2_step(__m256 (&acc)[MR][NR], const void* const* a, const void* const* b, int64_t i,
+                               int64_t n) {
+  __m256 bv[NR];
+  #pragma GCC unroll 8
+  for (int c = 0; c < NR; ++c)
+    bv[c] = kTail ? load8_tail(static_cast<const T*>(b[c]) + i, n) : load8(static_cast<const T*>(b[c]) + i);
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m256 av = kTail ? load8_tail(static_cast<const T*>(a[r]) + i, n) : load8(static_cast<const T*>(a[r]) + i);
+    #pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_fmadd_ps(av, bv[c], acc[r][c]);
   }
-  if constexpr (C > 1) {
-    if (nc < C) return edge<R, C - 1>(t, bf, nr, nc);
+}
+
+template <int MR, int NR, class T>
+MOB_AVX2 void tile_avx2(const void* const* a, const void* const* b, int64_t off, int64_t d, float* out, int64_t ld,
+                        bool add) {
+  __m256 acc[MR][NR];
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t i = off;
+  for (; i + 8 <= d; i += 8) avx2_step<MR, NR, T, false>(acc, a, b, i, 8);
+  if (i < d) avx2_step<MR, NR, T, true>(acc, a, b, i, d - i);
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) out[r * ld + c] = (add ? out[r * ld + c] : 0.f) + hsum8(acc[r][c]);
+}
+
+struct Avx2Kernel {
+  static constexpr int MR = 4, NR = 3;  // MR = 4 matches the 4-row groups the FPS refreshes and seeds use
+  template <int R, int C>
+  static TileFn pick(DType t, bool) {
+    if (t == DType::kFloat32) return tile_avx2<R, C, float>;
+    if (t == DType::kFloat16) return tile_avx2<R, C, uint16_t>;
+    return tile_avx2<R, C, Bf16>;
   }
-  return pick_tile<R, C>(t, bf);
+};
+#endif  // MOB_X86
+
+// ---- which implementation runs ------------------------------------------------------------------------------------
+enum Level : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+constexpr const char* kLevelNames[] = {"portable", "avx2", "avx512", "avx512-bf16"};
+
+// The best level this CPU runs (and this build contains).
+Level best_level() {
+#if MOB_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return kAvx512Bf16;
+  if (avx512) return kAvx512;
+  if (avx2) return kAvx2;
+#endif
+  return kPortable;
+}
+
+int level_of(const char* name) {  // -1 when the name is unknown
+  for (int l = kPortable; l <= kAvx512Bf16; ++l)
+    if (std::strcmp(name, kLevelNames[l]) == 0) return l;
+  return -1;
+}
+
+// The level in use: the best the CPU has, narrowed by MOB_CPU_ISA at the first use in a process (tests run every
+// implementation on one machine), and by set_dot_isa at any time after. Atomic so a change is seen by every thread;
+// each dot_tile call reads it once.
+std::atomic<int>& current_level() {
+  static std::atomic<int> level = [] {
+    int l = best_level();
+    const char* want = std::getenv("MOB_CPU_ISA");
+    if (want && level_of(want) >= 0) l = std::min(l, level_of(want));
+    return l;
+  }();
+  return level;
 }
 
 }  // namespace
@@ -169,25 +295,29 @@ void dot_tile(DType t, const void* const* a, int64_t na, const void* const* b, i
     for (int64_t r = 0; r < na; ++r) std::fill(out + r * ld, out + r * ld + nb, 0.f);
     return;
   }
-  if (!isa().avx512) return dot_tile_portable(t, a, na, b, nb, d, out, ld);
-  const bool bf = isa().bf16;
-  // d in chunks of kChunk elements: the a and b rows of one chunk stay in L1/L2 while all tiles pass over them.
-  for (int64_t off = 0; off < d; off += kChunk) {
-    const int64_t end = std::min(d, off + kChunk);
-    for (int64_t r = 0; r < na; r += MR) {
-      const int64_t nr = std::min<int64_t>(MR, na - r);
-      for (int64_t c = 0; c < nb; c += NR) {
-        const int64_t nc = std::min<int64_t>(NR, nb - c);
-        const TileFn tile = nr == MR && nc == NR ? pick_tile<MR, NR>(t, bf) : edge<MR, NR>(t, bf, nr, nc);
-        tile(a + r, b + c, off, end, out + r * ld + c, ld, off > 0);
-      }
-    }
-  }
+  const int level = current_level().load(std::memory_order_relaxed);
+#if MOB_X86
+  if (level >= kAvx512) return dot_tile_tiled<Avx512Kernel>(t, level == kAvx512Bf16, a, na, b, nb, d, out, ld);
+  if (level == kAvx2) return dot_tile_tiled<Avx2Kernel>(t, false, a, na, b, nb, d, out, ld);
+#else
+  (void)level;
+#endif
+  dot_tile_portable(t, a, na, b, nb, d, out, ld);
 }
 
-const char* dot_isa() {
-  if (!isa().avx512) return "portable";
-  return isa().bf16 ? "avx512-bf16" : "avx512";
+const char* dot_isa() { return kLevelNames[current_level().load(std::memory_order_relaxed)]; }
+
+std::vector<std::string> supported_dot_isas() {
+  std::vector<std::string> out;
+  for (int l = kPortable; l <= best_level(); ++l) out.emplace_back(kLevelNames[l]);
+  return out;
+}
+
+const char* set_dot_isa(const char* name) {
+  const int want = std::strcmp(name, "auto") == 0 ? static_cast<int>(kAvx512Bf16) : level_of(name);
+  if (want < 0) return nullptr;
+  current_level().store(std::min(want, static_cast<int>(best_level())), std::memory_order_relaxed);
+  return dot_isa();
 }
 
 }  // namespace mob::cpu

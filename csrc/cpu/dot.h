@@ -5,12 +5,14 @@
 // multiplied and callers divide by the norms afterwards: a product of two bfloat16 or float16 values is exact in
 // float32, so this keeps reference-level accuracy while reading each input once, with no converted copy.
 //
-// Two implementations, chosen once at run time: AVX-512 (with AVX512-BF16 dot-product instructions for bfloat16 when
-// the CPU has them) and a portable one written for the auto-vectoriser. Tails use masked loads, so no row is ever read
-// past its d elements.
+// Three implementations, chosen at run time on x86-64: AVX-512 (with AVX512-BF16 dot-product instructions for bfloat16
+// when the CPU has them), AVX2 + FMA (float16 through F16C), and a portable one written for the auto-vectoriser (the
+// only one on other architectures). No row is ever read past its d elements.
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "mob.h"
 
@@ -54,7 +56,13 @@ inline const void* row_ptr(const Features& f, int64_t b, int64_t i) {
 void dot_tile(DType t, const void* const* a, int64_t na, const void* const* b, int64_t nb, int64_t d, float* out,
               int64_t ld);
 
-// Which implementation dot_tile uses here ("avx512-bf16", "avx512" or "portable").
+// Which implementation dot_tile uses now: "avx512-bf16", "avx512", "avx2" or "portable". The best one the CPU runs,
+// narrowed by the environment variable MOB_CPU_ISA (read at the first use in a process) and by set_dot_isa.
 const char* dot_isa();
+// The implementations this CPU can run, from "portable" up.
+std::vector<std::string> supported_dot_isas();
+// Narrows the choice to `name` (or the best the CPU has below it); "auto" restores the best. Returns the name now in
+// use, or nullptr for an unknown name. For tests: a call running on another thread may see the change part-way.
+const char* set_dot_isa(const char* name);
 
 }  // namespace mob::cpu
