@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 import mob_kernels
-from mob_kernels import reference
+from mob_kernels.backends import reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WELL_CONDITIONED = 1e-4  # SPEC.md §4
@@ -193,3 +193,99 @@ def well_conditioned(B, N, L, d, k_p, k, fold=None, dtype=torch.float32, ragged=
         if decision_margin(vis, prompt, mask, k_p, k, fold) >= WELL_CONDITIONED:
             return vis, prompt, mask
     raise AssertionError(f"no well-conditioned seed in {tries} for B={B} N={N} L={L} d={d} k_p={k_p} k={k} {dtype}")
+
+
+# ------------------------------------------------------------------------------------------------- other methods
+
+
+def gpu_backends() -> list[str]:
+    """Backends that run on CUDA tensors here (empty without a GPU)."""
+    return mob_kernels.available_backends("cuda") if torch.cuda.is_available() else []
+
+
+def targets() -> list[tuple[str, str]]:
+    """(backend, device) for every backend and device that can run here: the CPU backends on CPU tensors, and on a
+    GPU machine every CUDA backend on CUDA tensors too."""
+    return [(b, "cpu") for b in backends()] + [(b, "cuda") for b in gpu_backends()]
+
+
+def target_id(t: tuple[str, str]) -> str:
+    return f"{t[0]}-{t[1]}"
+
+
+def usable64(vis: Tensor, valid: Tensor | None) -> Tensor:
+    ok = torch.isfinite(vis).all(-1)
+    return ok if valid is None else ok & valid
+
+
+def divprune_margin(vis: Tensor, k: int, valid: Tensor | None = None) -> float:
+    """DivPrune (contract §3.2) on one sample ``[N, d]`` in float64: the smallest margin of any decision (the most
+    isolated first pick, then every max-min step)."""
+    N = vis.shape[0]
+    ok = usable64(vis, valid)
+    n = min(k, int(ok.sum()))
+    if n <= 0 or n == int(ok.sum()):  # nothing, or every usable token: no decision
+        return INF
+    if not _finite_rows(vis[ok]):
+        return 0.0
+    v_hat, _ = _unit64(vis.masked_fill(~ok.unsqueeze(1), 0))
+    dist = 1.0 - v_hat @ v_hat.T
+    pair = ok.unsqueeze(0) & ok.unsqueeze(1) & ~torch.eye(N, dtype=torch.bool)
+    nearest = dist.masked_fill(~pair, INF).amin(0).masked_fill(~ok, -INF)
+    top = torch.topk(nearest, 2).values
+    margin = float(top[0] - top[1]) if bool(torch.isfinite(top).all()) else INF
+    first = int(nearest.argmax())
+    taken = ~ok.clone()
+    taken[first] = True
+    cur = dist[first].clone()
+    for _ in range(n - 1):
+        key = cur.masked_fill(taken, -INF)
+        if int((~taken).sum()) >= 2:
+            t2 = torch.topk(key, 2).values
+            margin = min(margin, float(t2[0] - t2[1]))
+        pick = int(key.argmax())
+        taken[pick] = True
+        cur = torch.minimum(cur, dist[pick])
+    return margin
+
+
+def dpp_margin(vis: Tensor, relevance: Tensor, k: int, valid: Tensor | None = None, stop: float = 1e-5) -> float:
+    """CDPruner's greedy DPP (contract §3.3) on one sample in float64: the smallest margin, relative to the largest
+    diagonal entry of the kernel, between each step's best and second-best gain, and between the best gain and the
+    stopping threshold."""
+    ok = usable64(vis, valid) & torch.isfinite(relevance)
+    if not _finite_rows(vis[ok]):
+        return 0.0
+    r = torch.where(ok, relevance.double(), 0.0)
+    v_hat, _ = _unit64(vis.masked_fill(~ok.unsqueeze(1), 0))
+    kern = r.unsqueeze(1) * (v_hat @ v_hat.T) * r.unsqueeze(0)
+    d2 = torch.diagonal(kern).clone().masked_fill(~ok, -INF)
+    scale = float(torch.diagonal(kern)[ok].max()) if bool(ok.any()) else 1.0
+    if scale <= 0:
+        return INF
+    cis = []
+    margin = INF
+    for _ in range(min(k, int(ok.sum()))):
+        top = torch.topk(d2, min(2, d2.numel())).values
+        best = float(top[0])
+        margin = min(margin, abs(best - stop * scale) / scale)
+        if best <= stop * scale:
+            break
+        if top.numel() == 2 and math.isfinite(float(top[1])):
+            margin = min(margin, float(top[0] - top[1]) / scale)
+        j = int(d2.argmax())
+        e = kern[j].clone()
+        for c in cis:
+            e -= c[j] * c
+        e /= math.sqrt(best)
+        cis.append(e)
+        d2 = d2 - e * e
+        d2[j] = -INF
+    return margin
+
+
+def _finite_rows(x: Tensor) -> bool:
+    if not bool(torch.isfinite(x).all()):
+        return False
+    sq = x.double().square().sum(-1)
+    return not bool(((sq != 0) & ((sq < 1.2e-38) | (sq > 3.4e38))).any())

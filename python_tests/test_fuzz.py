@@ -6,8 +6,11 @@ Invariants, on every example: a valid selection (k distinct sorted in-range indi
 reference's exact indices unless the float64 replay (mob_testing.decision_margin) finds a decision closer than SPEC's
 1e-4 margin.
 
+Every backend that can run here is fuzzed: the CPU backends on CPU tensors and, on a GPU machine, every CUDA backend
+(triton, cuda, reference) on CUDA tensors, compared with the reference on CPU.
+
 Profiles (env MOB_FUZZ_PROFILE): "ci" (default) derandomised, 2,000 examples per backend for select and 500 for the
-primitives; "long" (scripts/fuzz.sh, `make fuzz`) random, 100,000 per backend; "asan" derandomised, 300 (the
+primitives and for each of DivPrune and CDPruner; "long" (scripts/fuzz.sh, `make fuzz`) random, 100,000 per backend; "asan" derandomised, 300 (the
 sanitizer build is ~10x slower). Triton under its interpreter gets tiny shapes and 1/40 of the examples (50 in ci).
 Most examples are small (the reference loops in Python per FPS step); one in a hundred goes up to N = 4096, d = 4096,
 L = 256, B = 8 under a cap on B * N * d.
@@ -23,7 +26,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mob_kernels
-from mob_testing import DTYPES, WELL_CONDITIONED, assert_valid, backends, bitwise_equal, decision_margin, is_slow
+from mob_testing import (
+    DTYPES,
+    WELL_CONDITIONED,
+    assert_valid,
+    backends,
+    bitwise_equal,
+    decision_margin,
+    divprune_margin,
+    dpp_margin,
+    gpu_backends,
+    is_slow,
+    target_id,
+)
 
 _COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 settings.register_profile("mob-ci", max_examples=2000, derandomize=True, database=None, **_COMMON)
@@ -32,10 +47,11 @@ settings.register_profile("mob-asan", max_examples=300, derandomize=True, databa
 PROFILE = os.environ.get("MOB_FUZZ_PROFILE", "ci")
 FUZZ = settings.get_profile(f"mob-{PROFILE}")
 PRIMITIVES = settings(FUZZ, max_examples=max(FUZZ.max_examples // 4, 50))
-SLOW = settings(FUZZ, max_examples=max(FUZZ.max_examples // 40, 20))
+INTERPRETED = settings(FUZZ, max_examples=max(FUZZ.max_examples // 40, 20))
 
-FAST_BACKENDS = [b for b in backends() if not is_slow(b)]
-SLOW_BACKENDS = [b for b in backends() if is_slow(b)]
+# (backend, device): the CPU backends on CPU tensors and, on a GPU machine, every CUDA backend on CUDA tensors.
+FAST = [(b, "cpu") for b in backends() if not is_slow(b)] + [(b, "cuda") for b in gpu_backends()]
+SLOW = [(b, "cpu") for b in backends() if is_slow(b)]
 
 SPECIALS = ("nan", "inf", "-inf", "zero_row", "dup_row", "huge", "tiny", "neg_zero")
 LAYOUTS = ("contiguous", "strided", "transposed", "offset", "expanded")
@@ -78,14 +94,14 @@ def _layout(x: torch.Tensor, layout: str, g: torch.Generator) -> torch.Tensor:
     outside the view sees poison."""
     B, R, d = x.shape
     if layout == "strided":
-        wide = torch.full((B, 2 * R, d), float("nan"), dtype=x.dtype)
+        wide = torch.full((B, 2 * R, d), float("nan"), dtype=x.dtype, device=x.device)
         wide[:, ::2] = x
         return wide[:, ::2]
     if layout == "transposed":
         return x.transpose(1, 2).contiguous().transpose(1, 2)
     if layout == "offset":
         off = int(torch.randint(1, 5, (), generator=g))
-        wide = torch.full((B + 1, R + off, d + off), float("nan"), dtype=x.dtype)
+        wide = torch.full((B + 1, R + off, d + off), float("nan"), dtype=x.dtype, device=x.device)
         wide[1:, off:, off:] = x
         return wide[1:, off:, off:]
     if layout == "expanded":  # stride-0 batch: every sample the same memory
@@ -93,8 +109,8 @@ def _layout(x: torch.Tensor, layout: str, g: torch.Generator) -> torch.Tensor:
     return x
 
 
-def build(p: dict):
-    """Tensors for a problem description: (vis, prompt, mask or None), batched or unbatched."""
+def build(p: dict, device: str = "cpu"):
+    """Tensors for a problem description on ``device``: (vis, prompt, mask or None), batched or unbatched."""
     g = torch.Generator().manual_seed(p["seed"])
     B, N, L, d, dtype = p["B"], p["N"], p["L"], p["d"], p["dtype"]
     vis = torch.randn(B, N, d, generator=g)
@@ -118,7 +134,7 @@ def build(p: dict):
             x[b, r] *= _HUGE[dtype]
         elif kind == "tiny":
             x[b, r] *= _TINY[dtype]
-    vis, prompt = vis.to(dtype), prompt.to(dtype)
+    vis, prompt = vis.to(device=device, dtype=dtype), prompt.to(device=device, dtype=dtype)
     vis, prompt = _layout(vis, p["layout"], g), _layout(prompt, p["layout"], g)
     kind = p["mask"]
     mask = None
@@ -131,6 +147,7 @@ def build(p: dict):
                 mask[b, int(torch.randint(0, L + 1, (), generator=g)) :] = False
         elif kind == "random":
             mask = torch.rand(B, L, generator=g) < 0.5
+    mask = None if mask is None else mask.to(device)
     if p["unbatched"]:
         return vis[0], prompt[0], None if mask is None else mask[0]
     return vis, prompt, mask
@@ -140,14 +157,19 @@ def _snapshot(*xs):
     return [None if x is None else x.clone() for x in xs]
 
 
-def _check_select(backend: str, p: dict) -> None:
-    vis, prompt, mask = build(p)
+def _cpu(*xs):
+    return [None if x is None else x.cpu() for x in xs]
+
+
+def _check_select(backend: str, device: str, p: dict) -> None:
+    vis, prompt, mask = build(p, device)
     before = _snapshot(vis, prompt, mask)
-    out = mob_kernels.select(vis, prompt, p["k_p"], p["k"], fold=p["fold"], prompt_mask=mask, backend=backend)
+    out = mob_kernels.select(vis, prompt, p["k_p"], p["k"], fold=p["fold"], prompt_mask=mask, backend=backend).cpu()
     assert_valid(out, None if p["unbatched"] else p["B"], p["N"], p["k"])
     for x, x0 in zip((vis, prompt, mask), before):
         assert x is None or bitwise_equal(x, x0), "an input was modified"
-    if backend != "reference":
+    vis, prompt, mask = _cpu(vis, prompt, mask)
+    if backend != "reference" or device != "cpu":
         want = mob_kernels.select(vis, prompt, p["k_p"], p["k"], fold=p["fold"], prompt_mask=mask, backend="reference")
         if not torch.equal(out, want):
             margin = decision_margin(vis, prompt, mask, p["k_p"], p["k"], p["fold"])
@@ -155,33 +177,33 @@ def _check_select(backend: str, p: dict) -> None:
                                               f"(margin {margin:.2e}):\n{out}\n{want}"
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("target", FAST, ids=target_id)
 @FUZZ
 @given(p=problems())
-def test_fuzz_select(backend, p):
-    _check_select(backend, p)
+def test_fuzz_select(target, p):
+    _check_select(*target, p=p)
 
 
-@pytest.mark.parametrize("backend", SLOW_BACKENDS)
-@SLOW
+@pytest.mark.parametrize("target", SLOW, ids=target_id)
+@INTERPRETED
 @given(p=problems(tiny_only=True))
-def test_fuzz_select_interpreted(backend, p):
-    _check_select(backend, p)
+def test_fuzz_select_interpreted(target, p):
+    _check_select(*target, p=p)
 
 
-def _check_primitives(backend: str, p: dict, seed_frac: int) -> None:
-    vis, prompt, mask = build(p)
+def _check_primitives(backend: str, device: str, p: dict, seed_frac: int) -> None:
+    vis, prompt, mask = build(p, device)
     before = _snapshot(vis, prompt, mask)
     N, k_p, k = p["N"], p["k_p"], p["k"]
     picks, count = mob_kernels.prompt_cover(vis, prompt, k_p, fold=p["fold"], prompt_mask=mask, backend=backend)
     B = 1 if p["unbatched"] else p["B"]
-    picks2, count2 = picks.reshape(B, k_p), count.reshape(B)
+    picks2, count2 = picks.reshape(B, k_p).cpu(), count.reshape(B).cpu()
     for row, c in zip(picks2.tolist(), count2.tolist()):
         assert 0 <= c <= k_p and len(set(row[:c])) == c and all(0 <= i < N for i in row[:c])
         assert all(i == -1 for i in row[c:])
     # FPS seeded by part of the cover (-1 padded): new picks are distinct, never seeds, -1 once the tokens run out.
     seed = torch.where(torch.arange(k_p) < seed_frac * count2.unsqueeze(1) // 4, picks2, -1)
-    seed = seed[0] if p["unbatched"] else seed
+    seed = (seed[0] if p["unbatched"] else seed).to(device)
     fps = mob_kernels.farthest_point_sample(vis, k, seed, backend=backend)
     for row, srow in zip(fps.reshape(B, k).tolist(), seed.reshape(B, k_p).tolist()):
         seeds = {i for i in srow if i >= 0}
@@ -192,15 +214,80 @@ def _check_primitives(backend: str, p: dict, seed_frac: int) -> None:
         assert x is None or bitwise_equal(x, x0), "an input was modified"
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("target", FAST, ids=target_id)
 @PRIMITIVES
 @given(p=problems(), seed_frac=st.integers(0, 4))
-def test_fuzz_primitives(backend, p, seed_frac):
-    _check_primitives(backend, p, seed_frac)
+def test_fuzz_primitives(target, p, seed_frac):
+    _check_primitives(*target, p=p, seed_frac=seed_frac)
 
 
-@pytest.mark.parametrize("backend", SLOW_BACKENDS)
-@SLOW
+@pytest.mark.parametrize("target", SLOW, ids=target_id)
+@INTERPRETED
 @given(p=problems(tiny_only=True), seed_frac=st.integers(0, 4))
-def test_fuzz_primitives_interpreted(backend, p, seed_frac):
-    _check_primitives(backend, p, seed_frac)
+def test_fuzz_primitives_interpreted(target, p, seed_frac):
+    _check_primitives(*target, p=p, seed_frac=seed_frac)
+
+
+# --------------------------------------------------------------------------------------- DivPrune and CDPruner
+
+VALIDS = ("none", "all_true", "all_false", "random", "one")
+
+
+def _check_method(method: str, backend: str, device: str, p: dict, valid_kind: str) -> None:
+    vis, _, _ = build(p, device)
+    B = 1 if p["unbatched"] else p["B"]
+    N, k = p["N"], p["k"]
+    g = torch.Generator().manual_seed(p["seed"] + 1)
+    rel = torch.rand(B, N, generator=g) * 2 - 0.5  # negative relevance is allowed (used as given)
+    if "nan" in p["specials"]:
+        rel[0, 0] = float("nan")
+    valid = None
+    if valid_kind != "none":
+        valid = torch.ones(B, N, dtype=torch.bool)
+        if valid_kind == "all_false":
+            valid[:] = False
+        elif valid_kind == "random":
+            valid = torch.rand(B, N, generator=g) < 0.6
+        elif valid_kind == "one":
+            valid[:] = False
+            valid[:, N // 2] = True
+    if p["unbatched"]:
+        rel, valid = rel[0], None if valid is None else valid[0]
+    dev = lambda x: None if x is None else x.to(device)  # noqa: E731
+    before = vis.clone()
+
+    def run(b, v, r, ok):
+        if method == "divprune":
+            return mob_kernels.divprune(v, k, valid=ok, backend=b).cpu()
+        return mob_kernels.cdpruner(v, r, k, valid=ok, backend=b).cpu()
+
+    out = run(backend, vis, dev(rel), dev(valid))
+    assert_valid(out, None if p["unbatched"] else p["B"], N, k)
+    assert bitwise_equal(vis, before), "vis was modified"
+    if backend != "reference" or device != "cpu":
+        want = run("reference", vis.cpu(), rel, valid)
+        if not torch.equal(out, want):
+            v3, r2 = vis.cpu().reshape(B, N, -1), rel.reshape(B, N)
+            ok2 = None if valid is None else valid.reshape(B, N)
+            margin = min(
+                divprune_margin(v3[b], k, None if ok2 is None else ok2[b]) if method == "divprune"
+                else dpp_margin(v3[b], r2[b], k, None if ok2 is None else ok2[b])
+                for b in range(B)
+            )
+            assert margin < WELL_CONDITIONED, f"{backend} != reference (margin {margin:.2e}):\n{out}\n{want}"
+
+
+@pytest.mark.parametrize("method", ["divprune", "cdpruner"])
+@pytest.mark.parametrize("target", FAST, ids=target_id)
+@PRIMITIVES
+@given(p=problems(), valid_kind=st.sampled_from(VALIDS))
+def test_fuzz_methods(method, target, p, valid_kind):
+    _check_method(method, *target, p=p, valid_kind=valid_kind)
+
+
+@pytest.mark.parametrize("method", ["divprune", "cdpruner"])
+@pytest.mark.parametrize("target", SLOW, ids=target_id)
+@INTERPRETED
+@given(p=problems(tiny_only=True), valid_kind=st.sampled_from(VALIDS))
+def test_fuzz_methods_interpreted(method, target, p, valid_kind):
+    _check_method(method, *target, p=p, valid_kind=valid_kind)
