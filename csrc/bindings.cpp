@@ -38,13 +38,48 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("farthest_point_sample_cpu",
         [](int64_t B, int64_t N, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs, int64_t vis_rs, uintptr_t seed,
-           int64_t m_seed, uintptr_t num_picks, int64_t k, uintptr_t out) {
+           int64_t m_seed, uintptr_t num_picks, int64_t k, uintptr_t valid, uintptr_t sim, int64_t sim_bs,
+           int64_t sim_rs, uintptr_t out) {
           Features v = features(vis, dtype, vis_bs, vis_rs);
           py::gil_scoped_release release;
           mob::farthest_point_sample_cpu(B, N, d, v, reinterpret_cast<const int64_t*>(seed), m_seed,
                                          reinterpret_cast<const int64_t*>(num_picks), k,
+                                         reinterpret_cast<const bool*>(valid),
+                                         mob::Square{reinterpret_cast<const float*>(sim), sim_bs, sim_rs},
                                          reinterpret_cast<int64_t*>(out));
-        });
+        },
+        "valid and sim are optional (0: none)");
+
+  m.def("gram_cpu", [](int64_t B, int64_t N, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs, int64_t vis_rs,
+                       uintptr_t out) {
+    Features v = features(vis, dtype, vis_bs, vis_rs);
+    py::gil_scoped_release release;
+    mob::gram_cpu(B, N, d, v, reinterpret_cast<float*>(out));
+  });
+
+  m.def(
+      "dpp_greedy_cpu",
+      [](int64_t B, int64_t N, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs, int64_t vis_rs,
+         uintptr_t relevance, uintptr_t valid, int64_t k, uintptr_t order, uintptr_t gain, bool lazy) {
+        Features v = features(vis, dtype, vis_bs, vis_rs);
+        py::gil_scoped_release release;
+        mob::dpp_greedy_cpu(B, N, d, v, reinterpret_cast<const float*>(relevance),
+                            reinterpret_cast<const bool*>(valid), k, reinterpret_cast<int64_t*>(order),
+                            reinterpret_cast<float*>(gain), lazy);
+      },
+      py::arg("B"), py::arg("N"), py::arg("d"), py::arg("dtype"), py::arg("vis"), py::arg("vis_bs"),
+      py::arg("vis_rs"), py::arg("relevance"), py::arg("valid"), py::arg("k"), py::arg("order"), py::arg("gain"),
+      py::arg("lazy") = true, "lazy=False forces the eager loop (the same bits; for tests)");
+
+  m.def(
+      "divprune_cpu",
+      [](int64_t B, int64_t N, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs, int64_t vis_rs, uintptr_t valid,
+         int64_t k, uintptr_t out) {
+        Features v = features(vis, dtype, vis_bs, vis_rs);
+        py::gil_scoped_release release;
+        mob::divprune_cpu(B, N, d, v, reinterpret_cast<const bool*>(valid), k, reinterpret_cast<int64_t*>(out));
+      },
+      "valid is optional (0: every token)");
 
   m.def("select_cpu", [](int64_t B, int64_t N, int64_t L, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs,
                          int64_t vis_rs, uintptr_t prompt, int64_t pr_bs, int64_t pr_rs, uintptr_t mask, int64_t k_p,

@@ -6,6 +6,7 @@
 // CUDA launchers return it to their binding, which does the same).
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 namespace mob {
@@ -14,11 +15,26 @@ struct Sizes {
   int64_t B = 0, N = 0, L = 0, d = 0;
   int64_t k_p = 0;  // must be in [0, k]
   int64_t k = 0;    // must be in [0, N]
+  bool square = false;  // the call reads or writes an N x N matrix per sample (a Gram matrix)
 };
+
+// The product of dims as int64, or -1 when a factor is negative or the product overflows int64: element counts and
+// offsets derived from sizes that pass check_sizes can then never wrap.
+inline int64_t element_count(std::initializer_list<int64_t> dims) {
+  int64_t n = 1;
+  for (int64_t x : dims)
+    if (x < 0 || __builtin_mul_overflow(n, x, &n)) return -1;
+  return n;
+}
 
 inline std::string check_sizes(const Sizes& s) {
   if (s.B < 0 || s.N < 0 || s.L < 0 || s.d < 0)
     return "sizes must be >= 0, got B=" + std::to_string(s.B) + " N=" + std::to_string(s.N) +
+           " L=" + std::to_string(s.L) + " d=" + std::to_string(s.d);
+  // Every element count (and so every offset) must fit int64.
+  if (element_count({s.B, s.N, s.d}) < 0 || element_count({s.B, s.L, s.d}) < 0 || element_count({s.B, s.N}) < 0 ||
+      element_count({s.B, s.L}) < 0 || (s.square && element_count({s.B, s.N, s.N}) < 0))
+    return "sizes overflow int64 element counts, got B=" + std::to_string(s.B) + " N=" + std::to_string(s.N) +
            " L=" + std::to_string(s.L) + " d=" + std::to_string(s.d);
   if (s.k < 0 || s.k > s.N)
     return "k must be in [0, N], got k=" + std::to_string(s.k) + " with N=" + std::to_string(s.N);

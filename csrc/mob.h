@@ -23,10 +23,36 @@ struct Features {
 void prompt_cover_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt, const bool* mask,
                       int64_t k_p, const int64_t* fold, int64_t* picks, int64_t* count);
 
-// SPEC §2 step 3. seed [B, m] (-1 = none) are taken and seed the distances; sample b makes
-// min(num_picks[b], k, untaken) picks, written to out [B, k] in selection order, -1 padded.
+// A float32 [B, N, N] matrix with unit column stride (a Gram matrix of cosine similarities); data == nullptr: none.
+struct Square {
+  const float* data;
+  int64_t batch_stride;  // elements
+  int64_t row_stride;    // elements
+};
+
+// Cosine similarities out [B, N, N] (contiguous) float32: dot(v_i, v_j) / (max(|v_i|, eps) max(|v_j|, eps)), the dot
+// of the raw rows accumulated in float32. Exactly symmetric (the upper triangle is computed and mirrored).
+void gram_cpu(int64_t B, int64_t N, int64_t d, Features vis, float* out);
+
+// SPEC §2 step 3. seed [B, m] (-1 = none) are taken and seed the distances; tokens where valid [B, N] is false
+// (valid == nullptr: all valid) are never picked; sample b makes min(num_picks[b], k, untaken valid) picks, written
+// to out [B, k] in selection order, -1 padded. With no seed the first pick is the largest raw norm among the valid
+// tokens. With sim.data set, the distance to centre c is 1 - sim[c, i] instead of a computed one.
 void farthest_point_sample_cpu(int64_t B, int64_t N, int64_t d, Features vis, const int64_t* seed, int64_t m,
-                               const int64_t* num_picks, int64_t k, int64_t* out);
+                               const int64_t* num_picks, int64_t k, const bool* valid, Square sim, int64_t* out);
+
+// Greedy MAP of the DPP with kernel L_ij = r_i S_ij r_j (S cosine, r = relevance [B, N] float32 where valid [B, N],
+// 0 elsewhere): each step takes the largest residual d2 (first maximum; a NaN stops), until it is at most
+// kDppStop * (largest valid L_ii). order [B, k] (-1 after the stop), gain [B, k] float32 (the residual, 0 after).
+// lazy = false forces the eager loop (every token updated every step); the lazy one gives the same bits where it runs.
+constexpr float kDppStop = 1e-5f;
+void dpp_greedy_cpu(int64_t B, int64_t N, int64_t d, Features vis, const float* relevance, const bool* valid,
+                    int64_t k, int64_t* order, float* gain, bool lazy = true);
+
+// DivPrune whole (mob_kernels/methods/divprune.py): usable = valid (nullptr: all) and finite features; the most
+// isolated usable token first, then farthest point sampling on the cosine Gram matrix, completed with the
+// lowest-index other tokens to k; out [B, k] sorted ascending.
+void divprune_cpu(int64_t B, int64_t N, int64_t d, Features vis, const bool* valid, int64_t k, int64_t* out);
 
 // SPEC §2 whole: out [B, k] sorted ascending.
 void select_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt, const bool* mask,

@@ -3,8 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/dot.h"
 #include "mob.h"
 
@@ -14,8 +18,30 @@ constexpr float kEps = 1e-12f;
 // Multiply-adds below which a loop stays on one thread (~25 us of work): a top-level OpenMP fork/join costs ~1 us.
 constexpr int64_t kParallelWork = int64_t{1} << 20;
 
+// A rough multiply-add count for the threading decisions: the product, saturating instead of overflowing.
+inline int64_t work(std::initializer_list<int64_t> factors) {
+  const int64_t n = element_count(factors);
+  return n < 0 ? INT64_MAX : n;
+}
+
 // "Largest, ties to the lower index" (SPEC §2): a ranks before b.
 inline bool ranks_before(float a, int64_t ia, float b, int64_t ib) { return a > b || (a == b && ia < ib); }
+
+// The cosine similarity of tokens i and j from the dot product of their raw rows and inv = 1 / max(|v|, eps), rounded
+// the same way whichever order they come in: (dot * inv_a) * inv_b with a = min(i, j). Every CPU kernel that needs a
+// similarity between visual tokens (Gram matrix, FPS, DPP, DivPrune) uses this, and a dot product does not depend on
+// the register tile it was computed in, so all of them see gram_cpu's values bit for bit.
+inline float cosine(float dot, const float* inv, int64_t i, int64_t j) {
+  return i < j ? dot * inv[i] * inv[j] : dot * inv[j] * inv[i];
+}
+
+// The lazy greedy loops (FPS, DPP) keep their candidates in a std max-heap by (stored key, lower index): a is "less"
+// than b when b ranks before a.
+struct HeapEntry {
+  float key;
+  int64_t idx;
+};
+inline bool heap_less(const HeapEntry& a, const HeapEntry& b) { return ranks_before(b.key, b.idx, a.key, a.idx); }
 
 // min() that keeps a NaN once it appears, as torch.minimum does.
 inline float nan_min(float cur, float x) {
@@ -37,13 +63,23 @@ inline std::vector<const void*> rows_of(const Features& f, int64_t b, int64_t n)
 // 1 / max(||row||, eps) for each row, and the raw norms.
 void inverse_norms(DType t, const std::vector<const void*>& rows, int64_t d, float* norm, float* inv, bool parallel);
 
-// Raw norms and 1 / max(norm, eps) of one sample's visual rows, computed once and shared by cover and FPS.
+// Raw norms and 1 / max(norm, eps) of one sample's visual rows, computed once and shared by cover and FPS
+// (norms = false: the row pointers only, for a caller that reads a Gram matrix instead).
 struct VisRows {
   std::vector<const void*> rows;
   std::vector<float> norm, inv;
-  VisRows(const Features& vis, int64_t b, int64_t N, int64_t d, bool parallel) : rows(rows_of(vis, b, N)), norm(N), inv(N) {
-    inverse_norms(vis.dtype, rows, d, norm.data(), inv.data(), parallel);
+  VisRows(const Features& vis, int64_t b, int64_t N, int64_t d, bool parallel, bool norms = true)
+      : rows(rows_of(vis, b, N)), norm(norms ? N : 0), inv(norms ? N : 0) {
+    if (norms) inverse_norms(vis.dtype, rows, d, norm.data(), inv.data(), parallel);
   }
+};
+
+// How farthest point sampling reads one sample beyond its rows: valid [N] (nullptr: all valid) and the sample's
+// Gram matrix (sim == nullptr: compute distances from the rows).
+struct FpsInputs {
+  const bool* valid = nullptr;
+  const float* sim = nullptr;
+  int64_t sim_row_stride = 0;
 };
 
 // Per-sample parts, so select_cpu can run cover and FPS back to back on one sample.
@@ -51,13 +87,19 @@ struct VisRows {
 int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Features& vis, const VisRows& v,
                             const Features& prompt, const bool* mask, int64_t k_p, int64_t f, int64_t* picks,
                             bool parallel);
-// fps_sample: out[0..k) in selection order, -1 padded.
+// fps_sample: out[0..k) in selection order, -1 padded. v needs norms unless in.sim is set and a seed is in range.
 void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64_t* seed, int64_t m, int64_t num_picks,
-                int64_t k, int64_t* out, bool parallel);
+                int64_t k, const FpsInputs& in, int64_t* out, bool parallel);
+// gram_sample: out[i * ld + j] for i, j < N, exactly symmetric.
+void gram_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, float* out, int64_t ld, bool parallel);
 
-// Throws std::invalid_argument unless 0 <= k_p <= k <= N and sizes >= 0: a direct caller of the extension can then
-// never make a kernel index out of bounds.
-void check_sizes(int64_t B, int64_t N, int64_t L, int64_t d, int64_t k_p, int64_t k);
+// The entry points' argument checks (csrc/checks.h) raised: a non-empty message becomes std::invalid_argument (a
+// ValueError through pybind11) before any kernel reads or writes memory.
+inline void require(const std::string& error) {
+  if (!error.empty()) throw std::invalid_argument(error);
+}
+inline void require_sizes(const Sizes& s) { require(check_sizes(s)); }
+inline void require_pointer(const char* name, const void* p, int64_t count) { require(check_pointer(name, p, count)); }
 // Throws std::invalid_argument unless 0 <= f <= N.
 void check_fold(int64_t f, int64_t N);
 

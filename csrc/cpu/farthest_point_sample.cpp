@@ -1,13 +1,16 @@
 // CPU farthest point sampling: SPEC.md §2 step 3, exact, with lazy distance updates.
 //
-// dist(i) = min over centres c of 1 - dot(v_i, v_c) / (max(|v_i|, eps) max(|v_c|, eps)). Distances only shrink (a NaN,
-// once there, stays and ranks lowest), so a token's stored distance bounds its true one from above however many
-// centres it has not seen yet. The untaken tokens sit in a max-heap by (stored distance, lower index). Pop the top: if
-// it has seen every centre it is the exact argmax, ties included (every other token's true key ranks at or behind its
-// stored key, which ranks behind the top); otherwise bring it up to date and push it back. The seeds (the prompt
-// cover, or the largest-norm token when there is none) are applied eagerly as one blocked matrix product split across
-// threads; the FPS centres lazily. The worst case is the eager algorithm; on spread-out features most steps refresh a
-// handful of tokens instead of all N.
+// dist(i) = min over centres c of 1 - dot(v_i, v_c) / (max(|v_i|, eps) max(|v_c|, eps)) (common.h cosine). Distances
+// only shrink (a NaN, once there, stays and ranks lowest), so a token's stored distance bounds its true one from above
+// however many centres it has not seen yet. The untaken tokens sit in a max-heap by (stored distance, lower index).
+// Pop the top: if it has seen every centre it is the exact argmax, ties included (every other token's true key ranks
+// at or behind its stored key, which ranks behind the top); otherwise bring it up to date and push it back. The seeds
+// (the prompt cover, or the largest-norm token when there is none) are applied eagerly as one blocked matrix product
+// split across threads; the FPS centres lazily. The worst case is the eager algorithm; on spread-out features most
+// steps refresh a handful of tokens instead of all N.
+//
+// Invalid tokens (valid[i] false) are never in the heap; seeds are centres whether valid or not, as in the reference.
+// Given a Gram matrix (DivPrune computes one anyway), distances are read from it instead of computed.
 #include <stdexcept>
 #include <string>
 
@@ -16,16 +19,9 @@
 namespace mob::cpu {
 namespace {
 
-constexpr float kNanRank = -3.0f;
-constexpr int64_t kBatch = 8;  // stale tokens refreshed together (two 4-row register tiles)  // finite cosine distances lie in [0, 2] up to rounding
+constexpr float kNanRank = -3.0f;  // finite cosine distances lie in [0, 2] up to rounding
+constexpr int64_t kBatch = 8;      // stale tokens refreshed together (two 4-row register tiles)
 inline float rank_key(float dist) { return std::isnan(dist) ? kNanRank : dist; }
-
-struct Entry {
-  float key;
-  int64_t idx;
-};
-// std heap is a max-heap under "less": a is less than b when b ranks before a.
-inline bool heap_less(const Entry& a, const Entry& b) { return ranks_before(b.key, b.idx, a.key, a.idx); }
 
 // dist[i] = min over centres of the cosine distance, for every row i (eager; rows split across threads).
 void seed_distances(DType t, const std::vector<const void*>& rows, const float* inv, const std::vector<int64_t>& seeds,
@@ -35,7 +31,7 @@ void seed_distances(DType t, const std::vector<const void*>& rows, const float* 
   for (int64_t s = 0; s < S; ++s) srows[static_cast<size_t>(s)] = rows[static_cast<size_t>(seeds[s])];
   constexpr int64_t kRows = 24, kSeeds = 48;  // a block of rows stays in L2 while the seeds stream past
   const int64_t nblk = (N + kRows - 1) / kRows;
-#pragma omp parallel if (parallel && N * S * d >= kParallelWork)
+#pragma omp parallel if (parallel && work({N, S, d}) >= kParallelWork)
   {
     float buf[kRows * kSeeds];  // on the stack: nothing inside a parallel region may throw
 #pragma omp for schedule(static)
@@ -48,7 +44,7 @@ void seed_distances(DType t, const std::vector<const void*>& rows, const float* 
         dot_tile(t, srows.data() + s0, ns, rows.data() + i0, n, d, buf, n);
         for (int64_t s = 0; s < ns; ++s)
           for (int64_t r = 0; r < n; ++r)
-            dist[i0 + r] = nan_min(dist[i0 + r], 1.0f - buf[s * n + r] * inv[i0 + r] * inv[seeds[s0 + s]]);
+            dist[i0 + r] = nan_min(dist[i0 + r], 1.0f - cosine(buf[s * n + r], inv, i0 + r, seeds[s0 + s]));
       }
     }
   }
@@ -57,39 +53,55 @@ void seed_distances(DType t, const std::vector<const void*>& rows, const float* 
 }  // namespace
 
 void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64_t* seed, int64_t m, int64_t num_picks,
-                int64_t k, int64_t* out, bool parallel) {
+                int64_t k, const FpsInputs& in, int64_t* out, bool parallel) {
   std::fill(out, out + k, int64_t{-1});
   if (k <= 0 || N <= 0) return;
   const std::vector<const void*>& rows = v.rows;
-  const std::vector<float>& norm = v.norm;
-  const std::vector<float>& inv = v.inv;
-  std::vector<uint8_t> taken(static_cast<size_t>(N), 0);
+  const float* inv = v.inv.data();
+  // off: taken (a seed or a pick) or invalid; never picked. Only taken tokens are centres.
+  std::vector<uint8_t> off(static_cast<size_t>(N), 0);
   std::vector<int64_t> seeds;  // distinct, in range
   for (int64_t s = 0; s < m; ++s)
-    if (seed[s] >= 0 && seed[s] < N && !taken[seed[s]]) {
-      taken[seed[s]] = 1;
+    if (seed[s] >= 0 && seed[s] < N && !off[seed[s]]) {
+      off[seed[s]] = 1;
       seeds.push_back(seed[s]);
     }
-  const int64_t n = std::min({std::max<int64_t>(num_picks, 0), k, N - static_cast<int64_t>(seeds.size())});
+  int64_t n_off = static_cast<int64_t>(seeds.size());
+  if (in.valid)
+    for (int64_t i = 0; i < N; ++i)
+      if (!in.valid[i] && !off[i]) {
+        off[i] = 1;
+        ++n_off;
+      }
+  const int64_t n = std::min({std::max<int64_t>(num_picks, 0), k, N - n_off});
   if (n <= 0) return;
 
   int64_t t = 0;
-  if (seeds.empty()) {  // first pick: the largest raw norm, NaN ranking lowest
-    int64_t best = 0;
-    for (int64_t i = 1; i < N; ++i)
-      if (ranks_before(std::isnan(norm[i]) ? -1.0f : norm[i], i, std::isnan(norm[best]) ? -1.0f : norm[best], best))
+  if (seeds.empty()) {  // first pick: the largest raw norm among the pickable tokens, NaN ranking lowest
+    const std::vector<float>& norm = v.norm;
+    int64_t best = -1;
+    for (int64_t i = 0; i < N; ++i)
+      if (!off[i] && (best < 0 || ranks_before(std::isnan(norm[i]) ? -1.0f : norm[i], i,
+                                               std::isnan(norm[best]) ? -1.0f : norm[best], best)))
         best = i;
     out[t++] = best;
-    taken[best] = 1;
+    off[best] = 1;
     seeds.push_back(best);
   }
   std::vector<float> dist(N, INFINITY);
-  seed_distances(dtype, rows, inv.data(), seeds, d, dist.data(), parallel);
+  if (in.sim) {  // distances read from the Gram matrix: row c holds 1 - dist to centre c
+    for (int64_t s : seeds) {
+      const float* row = in.sim + s * in.sim_row_stride;
+      for (int64_t i = 0; i < N; ++i) dist[i] = nan_min(dist[i], 1.0f - row[i]);
+    }
+  } else {
+    seed_distances(dtype, rows, inv, seeds, d, dist.data(), parallel);
+  }
 
-  std::vector<Entry> heap;
+  std::vector<HeapEntry> heap;
   heap.reserve(static_cast<size_t>(N));
   for (int64_t i = 0; i < N; ++i)
-    if (!taken[i]) heap.push_back({rank_key(dist[i]), i});
+    if (!off[i]) heap.push_back({rank_key(dist[i]), i});
   std::make_heap(heap.begin(), heap.end(), heap_less);
   std::vector<int64_t> centres;             // FPS picks, applied lazily
   std::vector<const void*> centre_rows;
@@ -110,23 +122,30 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
         std::pop_heap(heap.begin(), heap.end(), heap_less);
         heap.pop_back();
       }
-      std::sort(stale.begin(), stale.end(), [&](int64_t a, int64_t b) { return seen[a] > seen[b]; });
-      const int64_t R = static_cast<int64_t>(stale.size()), groups = (R + 3) / 4;
-      const int64_t work = R * (C - seen[stale[R - 1]]) * d;
-      // The groups touch distinct tokens, so they can run on both cores when the refresh is large.
-#pragma omp parallel for schedule(static) if (parallel && groups > 1 && work >= kParallelWork / 4)
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t r0 = 4 * g, nr = std::min<int64_t>(4, R - r0), from = seen[stale[r0 + nr - 1]];
-        const int64_t cnt = C - from;
-        float* gdots = dots.data() + static_cast<size_t>(r0) * static_cast<size_t>(C);  // this group's rows of the R x C scratch
-        const void* grows[4];
-        for (int64_t r = 0; r < nr; ++r) grows[r] = rows[static_cast<size_t>(stale[r0 + r])];
-        dot_tile(dtype, grows, nr, centre_rows.data() + from, cnt, d, gdots, cnt);
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = stale[r0 + r];
-          for (int64_t c = seen[i] - from; c < cnt; ++c)
-            dist[i] = nan_min(dist[i], 1.0f - gdots[r * cnt + c] * inv[i] * inv[centres[from + c]]);
+      if (in.sim) {  // a Gram matrix read costs less than any batching
+        for (int64_t i : stale) {
+          for (int64_t c = seen[i]; c < C; ++c) dist[i] = nan_min(dist[i], 1.0f - in.sim[centres[c] * in.sim_row_stride + i]);
           seen[i] = C;
+        }
+      } else {
+        std::sort(stale.begin(), stale.end(), [&](int64_t a, int64_t b) { return seen[a] > seen[b]; });
+        const int64_t R = static_cast<int64_t>(stale.size()), groups = (R + 3) / 4;
+        const int64_t work = R * (C - seen[stale[R - 1]]) * d;
+        // The groups touch distinct tokens, so they can run on both cores when the refresh is large.
+#pragma omp parallel for schedule(static) if (parallel && groups > 1 && work >= kParallelWork / 4)
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t r0 = 4 * g, nr = std::min<int64_t>(4, R - r0), from = seen[stale[r0 + nr - 1]];
+          const int64_t cnt = C - from;
+          float* gdots = dots.data() + static_cast<size_t>(r0) * static_cast<size_t>(C);  // this group's rows of the R x C scratch
+          const void* grows[4];
+          for (int64_t r = 0; r < nr; ++r) grows[r] = rows[static_cast<size_t>(stale[r0 + r])];
+          dot_tile(dtype, grows, nr, centre_rows.data() + from, cnt, d, gdots, cnt);
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t i = stale[r0 + r];
+            for (int64_t c = seen[i] - from; c < cnt; ++c)
+              dist[i] = nan_min(dist[i], 1.0f - cosine(gdots[r * cnt + c], inv, i, centres[from + c]));
+            seen[i] = C;
+          }
         }
       }
       for (int64_t i : stale) {
@@ -138,7 +157,7 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
     std::pop_heap(heap.begin(), heap.end(), heap_less);
     heap.pop_back();
     out[t] = pick;
-    taken[pick] = 1;
+    off[pick] = 1;
     centres.push_back(pick);
     centre_rows.push_back(rows[static_cast<size_t>(pick)]);
   }
@@ -147,11 +166,25 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
 }  // namespace mob::cpu
 
 void mob::farthest_point_sample_cpu(int64_t B, int64_t N, int64_t d, Features vis, const int64_t* seed, int64_t m,
-                                    const int64_t* num_picks, int64_t k, int64_t* out) {
-  cpu::check_sizes(B, N, 0, d, 0, k);
+                                    const int64_t* num_picks, int64_t k, const bool* valid, Square sim, int64_t* out) {
+  cpu::require_sizes({B, N, 0, d, 0, k, sim.data != nullptr});
   if (m < 0) throw std::invalid_argument("seed width m must be >= 0, got m=" + std::to_string(m));
-  cpu::for_each_sample(B, N * d * (m + 1), [&](int64_t b, bool parallel) {
-    const cpu::VisRows v(vis, b, N, d, parallel);
-    cpu::fps_sample(N, d, vis.dtype, v, seed + b * m, m, num_picks[b], k, out + b * k, parallel);
+  if (element_count({B, m}) < 0) throw std::invalid_argument("seed sizes overflow int64, got B=" + std::to_string(B) +
+                                                             " m=" + std::to_string(m));
+  cpu::require_pointer("vis", vis.data, B * N * d);
+  cpu::require_pointer("seed", seed, B * m);
+  cpu::require_pointer("num_picks", num_picks, B);
+  cpu::require_pointer("out", out, B * k);
+  // valid and sim are optional: nullptr means none.
+  cpu::for_each_sample(B, sim.data ? cpu::work({N, m + k}) : cpu::work({N, d, m + 1}), [&](int64_t b, bool parallel) {
+    const int64_t* s = seed + b * m;
+    const bool seeded = std::any_of(s, s + m, [N](int64_t i) { return i >= 0 && i < N; });
+    // Norms are needed for computed distances and for the largest-norm first pick.
+    const cpu::VisRows v(vis, b, N, d, parallel, sim.data == nullptr || !seeded);
+    cpu::FpsInputs in;
+    in.valid = valid ? valid + b * N : nullptr;
+    in.sim = sim.data ? sim.data + b * sim.batch_stride : nullptr;
+    in.sim_row_stride = sim.row_stride;
+    cpu::fps_sample(N, d, vis.dtype, v, s, m, num_picks[b], k, in, out + b * k, parallel);
   });
 }

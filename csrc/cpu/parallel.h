@@ -14,7 +14,7 @@ namespace mob::cpu {
 // (work = rough multiply-adds per sample); a single sample gets the threads inside instead (parallel = true).
 template <class F>
 void for_each_sample(int64_t B, int64_t work, F body) {
-  if (!(B > 1 && B * work >= kParallelWork)) {
+  if (!(B > 1 && work >= (kParallelWork + B - 1) / B)) {  // B * work >= kParallelWork, without overflow
     // No OpenMP construct here, not even an inactive one: a parallel region inside another region is a nested team,
     // which libgomp starts with fresh threads (~30 us a call here) instead of its warm top-level pool.
     for (int64_t b = 0; b < B; ++b) body(b, B == 1);

@@ -52,7 +52,6 @@ int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Fe
   for (int64_t j = 0; j < L; ++j)
     if (mask[b * L + j]) prows.push_back(row_ptr(prompt, b, j));
   const int64_t Lv = static_cast<int64_t>(prows.size());
-  check_fold(f, N);
   if (k_p == 0 || N == 0 || Lv == 0 || f == 0) return 0;
 
   std::vector<float> pnorm(Lv), pinv(Lv);
@@ -87,8 +86,15 @@ int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Fe
 
 void mob::prompt_cover_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt,
                            const bool* mask, int64_t k_p, const int64_t* fold, int64_t* picks, int64_t* count) {
-  cpu::check_sizes(B, N, L, d, k_p, k_p);
-  cpu::for_each_sample(B, N * d * (L + 1), [&](int64_t b, bool parallel) {
+  cpu::require_sizes({B, N, L, d, k_p, k_p});
+  cpu::require_pointer("vis", vis.data, B * N * d);
+  cpu::require_pointer("prompt", prompt.data, B * L * d);
+  cpu::require_pointer("prompt_mask", mask, B * L);
+  cpu::require_pointer("fold", fold, B);
+  cpu::require_pointer("picks", picks, B * k_p);
+  cpu::require_pointer("count", count, B);
+  for (int64_t b = 0; b < B; ++b) cpu::check_fold(fold[b], N);
+  cpu::for_each_sample(B, cpu::work({N, d, L + 1}), [&](int64_t b, bool parallel) {
     const cpu::VisRows v(vis, b, N, d, parallel);
     count[b] = cpu::prompt_cover_sample(b, N, L, d, vis, v, prompt, mask, k_p, fold[b], picks + b * k_p, parallel);
   });
