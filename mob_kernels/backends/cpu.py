@@ -1,7 +1,10 @@
 """C++ CPU backend: hands checked tensors to ``mob_kernels._C`` (csrc/cpu) as raw pointers and strides.
 
 The extension does not link libtorch; this module allocates the outputs, passes ``data_ptr()``s, sizes, element
-strides and a dtype tag, and the C++ releases the GIL while it runs (OpenMP across samples, or inside one sample).
+strides and a dtype tag (0 for an absent optional tensor), and the C++ releases the GIL while it runs (OpenMP across
+samples, or inside one sample). gram, prompt_cover, farthest_point_sample (valid and sim included) and dpp_greedy are
+native; DivPrune and MoB's select have fused implementations. Primitives without a native kernel are inherited from
+the reference backend.
 """
 
 from __future__ import annotations
@@ -25,12 +28,19 @@ def _features(x: Tensor) -> tuple[int, int, int]:
     return x.data_ptr(), x.stride(0), x.stride(1)
 
 
-class CpuBackend:
+def _optional(x: Tensor | None) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+class CpuBackend(ReferenceBackend):  # primitives without a native kernel run the reference's
     name = "cpu"
 
     @staticmethod
     def gram(vis: Tensor) -> Tensor:
-        return ReferenceBackend.gram(vis)  # no native kernel yet
+        B, N, d = vis.shape
+        out = torch.empty(B, N, N, dtype=torch.float32)
+        _C.gram_cpu(B, N, d, DTYPE_TAG[vis.dtype], *_features(vis), out.data_ptr())
+        return out
 
     @staticmethod
     def prompt_cover(vis: Tensor, prompt: Tensor, mask: Tensor, k_p: int, fold: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,19 +57,28 @@ class CpuBackend:
     def farthest_point_sample(
         vis: Tensor, seed: Tensor, num_picks: Tensor, k: int, valid: Tensor | None = None, sim: Tensor | None = None
     ) -> Tensor:
-        if valid is not None:  # no native kernel for the valid mask yet
-            return ReferenceBackend.farthest_point_sample(vis, seed, num_picks, k, valid, sim)
         B, N, d = vis.shape
         out = torch.empty(B, k, dtype=torch.int64)
+        if sim is not None:
+            sim = sim if sim.dtype == torch.float32 and (sim.stride(-1) == 1 or N <= 1) else sim.float().contiguous()
         _C.farthest_point_sample_cpu(
             B, N, d, DTYPE_TAG[vis.dtype], *_features(vis), seed.data_ptr(), seed.shape[1], num_picks.data_ptr(), k,
+            _optional(valid), *((sim.data_ptr(), sim.stride(0), sim.stride(1)) if sim is not None else (0, 0, 0)),
             out.data_ptr(),
         )
         return out
 
     @staticmethod
     def dpp_greedy(vis: Tensor, relevance: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return ReferenceBackend.dpp_greedy(vis, relevance, valid, k)  # no native kernel yet
+        B, N, d = vis.shape
+        order = torch.empty(B, k, dtype=torch.int64)
+        gain = torch.empty(B, k, dtype=torch.float32)
+        r = relevance.float().contiguous()
+        _C.dpp_greedy_cpu(
+            B, N, d, DTYPE_TAG[vis.dtype], *_features(vis), r.data_ptr(), valid.data_ptr(), k, order.data_ptr(),
+            gain.data_ptr(),
+        )
+        return order, gain
 
     @staticmethod
     def select(vis: Tensor, prompt: Tensor, mask: Tensor, k_p: int, k: int, fold: Tensor) -> Tensor:
@@ -69,6 +88,13 @@ class CpuBackend:
             B, N, prompt.shape[1], d, DTYPE_TAG[vis.dtype], *_features(vis), *_features(prompt), mask.data_ptr(),
             k_p, k, fold.data_ptr(), out.data_ptr(),
         )
+        return out
+
+    @staticmethod
+    def divprune(vis: Tensor, k: int, valid: Tensor | None) -> Tensor:
+        B, N, d = vis.shape
+        out = torch.empty(B, k, dtype=torch.int64)
+        _C.divprune_cpu(B, N, d, DTYPE_TAG[vis.dtype], *_features(vis), _optional(valid), k, out.data_ptr())
         return out
 
 
