@@ -4,6 +4,8 @@
     keep = mob_kernels.select(vis, prompt, k_p=32, k=64)     # MoB; also torch.ops.mob.select(vis, prompt, 32, 64)
     keep = mob_kernels.divprune(vis, 64)                     # DivPrune
     keep = mob_kernels.cdpruner(vis, relevance, 64)          # CDPruner
+    keep, role = mob_kernels.d2pruner(vis, importance, 64)   # D2Pruner
+    keep = mob_kernels.btp_stage(hidden, attention, 288, mode="union", ...)   # one BTP stage
 
 docs/contract.md is the contract; ``mob_kernels.backends.reference`` with the compositions in ``mob_kernels.methods``
 implements it plainly, and every backend is tested against it.
@@ -12,8 +14,10 @@ implements it plainly, and every backend is tested against it.
 from ._version import __version__
 from .errors import BackendUnavailableError
 from .methods import (
+    btp_stage,
     cdpruner,
     cdpruner_relevance,
+    d2pruner,
     divprune,
     farthest_point_sample,
     prompt_budget,
@@ -29,6 +33,8 @@ __all__ = [
     "divprune",
     "cdpruner",
     "cdpruner_relevance",
+    "d2pruner",
+    "btp_stage",
     "prompt_budget",
     "methods",
     "budget_arguments",

@@ -1,7 +1,7 @@
-"""Shared helpers for the test suite: input recipes, the validity check and the well-conditioning check of SPEC.md §4.
+"""Shared helpers for the test suite: input recipes, the validity check and the well-conditioning check of docs/contract.md §1.7.
 
-Well-conditioned (SPEC.md §4) means every decision of the algorithm wins by a margin. ``decision_margin`` replays
-SPEC.md §2 in float64 on the very tensors a backend was given (after their rounding to float16 / bfloat16) and returns
+Well-conditioned (contract §1.7) means every decision of the algorithm wins by a margin. ``decision_margin`` replays
+MoB (contract §3.1) in float64 on the very tensors a backend was given (after their rounding to float16 / bfloat16) and returns
 the smallest margin of any decision that can change the output:
 
 * the boundary of each prompt row's top-f set ``T_j`` (f-th vs (f+1)-th similarity),
@@ -11,7 +11,7 @@ the smallest margin of any decision that can change the output:
 
 Similarities and cosine distances live on a fixed scale (|cos| <= 1, dist in [0, 2]) and a float32 computation of them
 is off by an absolute amount (~1e-7 * sqrt(d)), so their margins are absolute. Inputs with a non-finite value have
-margin 0 (SPEC gives them only the validity guarantee).
+margin 0 (the contract gives them only the validity guarantee).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import mob_kernels
 from mob_kernels.backends import reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-WELL_CONDITIONED = 1e-4  # SPEC.md §4
+WELL_CONDITIONED = 1e-4  # contract §1.7
 INF = float("inf")
 
 
@@ -59,7 +59,7 @@ def problem(B, N, L, d, dtype=torch.float32, seed=0, ragged=False):
 
 
 def assert_valid(out: Tensor, B: int | None, N: int, k: int) -> None:
-    """SPEC §1/§4: int64, exactly k distinct in-range indices per sample, sorted ascending."""
+    """Contract §1.6: int64, exactly k distinct in-range indices per sample, sorted ascending."""
     assert out.dtype == torch.int64, out.dtype
     assert tuple(out.shape) == ((B, k) if B is not None else (k,)), (tuple(out.shape), B, k)
     if k == 0 or out.numel() == 0:
@@ -113,7 +113,7 @@ def _batched(vis, prompt, mask):
 
 
 def _finite(vis, prompt, mask) -> bool:
-    """Finite, and every row's squared norm representable in float32 (SPEC computes it in float32: beyond that range
+    """Finite, and every row's squared norm representable in float32 (the contract computes it in float32: beyond that range
     a row overflows to a zero direction or underflows to a non-unit one, which a float64 replay cannot model)."""
     if not (bool(torch.isfinite(vis).all()) and bool(torch.isfinite(prompt[mask]).all())):
         return False
@@ -131,7 +131,7 @@ def _unit64(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def cover_margin(vis: Tensor, prompt: Tensor, k_p: int, fold: int, ordered: bool = False) -> tuple[float, list[int]]:
-    """SPEC step 2 on one sample (``prompt`` holds only the valid rows) in float64: (margin, S_p by descending score).
+    """The prompt cover (contract §3.1.2) on one sample (``prompt`` holds only the valid rows) in float64: (margin, S_p by descending score).
     ``ordered`` also requires the order inside S_p to be decided by a margin (prompt_cover returns it ordered)."""
     N, Lv = vis.shape[0], prompt.shape[0]
     if k_p == 0 or Lv == 0 or N == 0:
@@ -158,7 +158,7 @@ def cover_margin(vis: Tensor, prompt: Tensor, k_p: int, fold: int, ordered: bool
 
 
 def fps_margin(vis: Tensor, seeds: list[int], num_picks: int) -> float:
-    """SPEC step 3 on one sample in float64, seeded by ``seeds`` (distinct): the smallest margin of its picks."""
+    """Farthest point sampling (contract §2.3) on one sample in float64, seeded by ``seeds`` (distinct): the smallest margin of its picks."""
     N = vis.shape[0]
     num_picks = min(num_picks, N - len(seeds))
     if num_picks <= 0:
@@ -186,7 +186,7 @@ def fps_margin(vis: Tensor, seeds: list[int], num_picks: int) -> float:
 
 
 def well_conditioned(B, N, L, d, k_p, k, fold=None, dtype=torch.float32, ragged=False, tries=40):
-    """The first seeded Gaussian problem whose select decisions all win by SPEC's margin; fails the test if none of
+    """The first seeded Gaussian problem whose select decisions all win by the contract's margin; fails the test if none of
     ``tries`` seeds gives one (then the case itself is badly chosen, not the backend)."""
     for seed in range(tries):
         vis, prompt, mask = problem(B, N, L, d, dtype, seed=seed, ragged=ragged)

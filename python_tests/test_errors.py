@@ -1,4 +1,4 @@
-"""SPEC.md §3: every bad argument raises the named exception type before any kernel runs, with a message that names
+"""Contract §1.3: every bad argument raises the named exception type before any kernel runs, with a message that names
 the argument (and its bad value where it has one). Checked for every backend, through the Python front door, through
 torch.ops.mob, and at the C++ extension's own boundary."""
 

@@ -3,7 +3,7 @@ all-true / ragged / random, NaN, +-inf, zero rows, exact duplicates, huge and ti
 and expanded views, all three dtypes.
 
 Invariants, on every example: a valid selection (k distinct sorted in-range indices); inputs bitwise unchanged; the
-reference's exact indices unless the float64 replay (mob_testing.decision_margin) finds a decision closer than SPEC's
+reference's exact indices unless the float64 replay (mob_testing.decision_margin) finds a decision closer than the contract's
 1e-4 margin.
 
 Every backend that can run here is fuzzed: the CPU backends on CPU tensors and, on a GPU machine, every CUDA backend

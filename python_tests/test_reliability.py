@@ -1,4 +1,4 @@
-"""Reliability (issue 7): concurrency, GIL release, memory growth over many calls, and large inputs.
+"""Reliability: concurrency, GIL release, memory growth over many calls, and large inputs.
 
 N = 65,536 with d = 8,192 (1 GiB) runs always; one sample with N * d > 2^31 bfloat16 elements (4.3 GB, ~4 s here)
 runs where the machine has 8 GB available, and always under MOB_TEST_LARGE=1 (`make test-large`).

@@ -1,8 +1,8 @@
-"""Every backend returns exactly the reference's indices on well-conditioned inputs (SPEC.md §4), and the primitives of
-SPEC.md §5 agree too.
+"""Every backend returns exactly the reference's indices on well-conditioned inputs (contract §1.7), and the primitives of
+contract §2 agree too.
 
 Inputs are seeded Gaussian features drawn in float32 and rounded to the dtype under test; the reference and the backend
-see the same rounded tensor. ``mob_testing.well_conditioned`` picks the first seed whose decisions all win by SPEC's
+see the same rounded tensor. ``mob_testing.well_conditioned`` picks the first seed whose decisions all win by the contract's
 1e-4 margin (checked by a float64 replay), so a mismatch here is a backend bug, never a near-tie.
 """
 
@@ -99,7 +99,7 @@ def test_select_matches_reference(backend, case, dtype):
 
 
 # Realistic model shapes. Gaussian features at these sizes are rarely well-conditioned at 1e-4 (hundreds of FPS steps,
-# each with a random gap), so these require agreement unless the float64 replay finds a decision closer than SPEC's
+# each with a random gap), so these require agreement unless the float64 replay finds a decision closer than the contract's
 # margin; the fixed seeds below agree today on the cpu backend.
 REALISTIC = [
     (1, 576, 64, 4096, 32, 64, torch.bfloat16, "all"),  # LLaVA-1.5, K = 64
@@ -201,7 +201,7 @@ def test_farthest_point_sample_matches_reference(backend, dtype, case):
 
 @pytest.mark.parametrize("backend", backends())
 def test_select_is_cover_then_seeded_fps(backend):
-    """SPEC §5: select == sort(cover ∪ FPS seeded by the cover for k − count picks), through the public API."""
+    """Contract §3.1.1: select == sort(cover ∪ FPS seeded by the cover for k − count picks), through the public API."""
     vis, prompt, mask = _inputs((2, 100, 4, 16, 8, 16, None, "last_empty"), torch.float32)
     k_p, k = 8, 16
     got = mob_kernels.select(vis, prompt, k_p, k, prompt_mask=mask, backend=backend)

@@ -27,7 +27,7 @@ export LD_PRELOAD="$LIBASAN:$LIBUBSAN"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0:${ASAN_OPTIONS:-}"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
 export PYTHONPATH="$(pwd)/$OUT/lib${PYTHONPATH:+:$PYTHONPATH}"
-# Never put the working directory on sys.path (`python -m`, `-c` and stdin would, and /work/main/mob_kernels would
+# Never put the working directory on sys.path (`python -m`, `-c` and stdin would, and the checkout's mob_kernels would
 # then shadow the copy); inherited by the subprocesses the tests start.
 export PYTHONSAFEPATH=1
 export MOB_FUZZ_PROFILE=asan  # 300 derandomised examples per fuzz test: the sanitized build is ~10x slower

@@ -53,5 +53,16 @@ class Backend(Protocol):
         ``[B, k]`` float32, 0 after a stop)."""
         ...
 
+    def independent_set(
+        self, vis: Tensor, rank: Tensor, num_picks: Tensor, k: int, near: float, far: float, grid: Tensor | None,
+        radius: int,
+    ) -> Tensor:
+        """Greedy maximal independent set on the similarity graph: tokens i, j are adjacent when ``cos(v_i, v_j)``
+        exceeds ``near`` (same tile of ``grid`` ``[B, N, 3]`` = (tile, row, col) and Chebyshev distance <= ``radius``)
+        or ``far`` (otherwise). Candidates are the tokens with ``rank >= 0``, visited in increasing rank; each one no
+        earlier pick is adjacent to is picked, up to ``num_picks[b]``. Returns ``[B, k]`` picks in order, ``-1``
+        padded."""
+        ...
+
 
 __all__ = ["Backend"]

@@ -12,7 +12,8 @@ Choices the contract makes and this module implements (every backend follows the
   ranks below every finite distance; NaN ranks below finite in the largest-norm first pick as well;
 * ``farthest_point_sample`` makes ``min(num_picks, untaken valid tokens)`` picks and pads its row with ``-1``;
 * ``dpp_greedy`` stops when the best remaining gain is at most ``DPP_STOP`` times the largest diagonal entry of the
-  kernel, and pads its row with ``-1`` (gain 0) from there.
+  kernel, and pads its row with ``-1`` (gain 0) from there;
+* ``independent_set`` walks the candidates in rank order and takes each one no earlier pick is adjacent to.
 """
 
 from __future__ import annotations
@@ -157,6 +158,41 @@ class ReferenceBackend:
             order[:, i] = torch.where(active, j, -1)
             gain[:, i] = torch.where(active, g, 0.0)
         return order, gain
+
+    # ------------------------------------------------------------------------------ greedy maximal independent set
+    @staticmethod
+    def independent_set(
+        vis: Tensor, rank: Tensor, num_picks: Tensor, k: int, near: float, far: float, grid: Tensor | None, radius: int
+    ) -> Tensor:
+        B, N, _ = vis.shape
+        dev = vis.device
+        out = torch.full((B, k), -1, dtype=torch.int64, device=dev)
+        if k == 0 or N == 0:
+            return out
+        sim = ReferenceBackend.gram(vis)
+        threshold = torch.full_like(sim, far)
+        if grid is not None:
+            tile, row, col = grid.unbind(-1)
+            close = (tile.unsqueeze(2) == tile.unsqueeze(1)) & (
+                torch.maximum((row.unsqueeze(2) - row.unsqueeze(1)).abs(), (col.unsqueeze(2) - col.unsqueeze(1)).abs())
+                <= radius
+            )
+            threshold = torch.where(close, near, threshold)
+        eye = torch.eye(N, dtype=torch.bool, device=dev)
+        edge = (sim > threshold) & ~eye  # NaN similarities make no edge
+        # Walk the candidates in rank order: one step per rank position, all samples at once.
+        order = torch.sort(torch.where(rank >= 0, rank, N + torch.arange(N, device=dev)), dim=1, stable=True).indices
+        n_cand = (rank >= 0).sum(1)
+        blocked = torch.zeros(B, N, dtype=torch.bool, device=dev)
+        count = torch.zeros(B, dtype=torch.int64, device=dev)
+        rows = torch.arange(B, device=dev)
+        for t in range(N):
+            v = order[:, t]
+            take = (t < n_cand) & (count < num_picks.clamp_max(k)) & ~blocked[rows, v]
+            out[rows, count.clamp_max(k - 1)] = torch.where(take, v, out[rows, count.clamp_max(k - 1)])
+            blocked |= take.unsqueeze(1) & edge[rows, v]
+            count += take.long()
+        return out
 
 
 BACKEND = ReferenceBackend()

@@ -11,6 +11,8 @@ on day one; a backend may later add a fused implementation named after the metho
 from .mob import farthest_point_sample, prompt_budget, prompt_cover, resolve_fold, select  # isort: skip
 from .divprune import divprune, most_isolated  # isort: skip
 from .cdpruner import cdpruner, cdpruner_relevance  # isort: skip
+from .d2pruner import d2pruner  # isort: skip
+from .btp import btp_stage, spatial_seed  # isort: skip
 
 __all__ = [
     "select",
@@ -22,4 +24,7 @@ __all__ = [
     "most_isolated",
     "cdpruner",
     "cdpruner_relevance",
+    "d2pruner",
+    "btp_stage",
+    "spatial_seed",
 ]

@@ -1,0 +1,211 @@
+"""BTP, Balanced Token Pruning (NeurIPS 2025, arXiv 2505.22038): contract §3.5.
+
+BTP prunes in stages inside the language model: early stages favour diversity (their effect on later layers), later
+ones attention (the consistency of local outputs). One stage (``btp_stage``) keeps ``k`` of the ``n`` image tokens
+entering a layer, from two signals: the hidden states (for max-min diversity in cosine distance, as DivPrune) and the
+last prompt token's attention to the image tokens at the layer before (for importance, optionally *rebalanced*: among
+the top candidates, those in the first ``rebalance`` positions go first). A constant spatial seed (farthest point
+sampling on the image grid in Manhattan distance) spreads the first stage over the image. ``SCHEDULES`` holds the
+released stage plans.
+
+Modes (released code: the fork of the authors' repository, files ``llava/modeling_llama.py`` and
+``qwen-2.5-vl/modeling_qwen2_5_vl.py``):
+* ``"union"`` (LLaVA stages 1-2): attention picks, the spatial seed and ``n_div`` diversity picks, deduplicated in that
+  priority order, cut to ``k`` or topped up to ``k`` by diversity seeded with them;
+* ``"attn_seeded"`` (Qwen stages 1-2): ``n_attn`` attention picks, then diversity seeded with them up to ``k``;
+* ``"attn_only"`` (the third stage of both): ``k`` attention picks from the top ``n_extra``, rebalanced.
+
+The released code has three bugs (contract §3.5, "Decisions"); this op fixes them and always keeps exactly ``k``;
+``btp_stage_as_released`` reproduces them for one sample, for A/B comparison.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import checks
+from ..registry import OpSpec, Prepared, prepared, register
+from .common import complete, usable
+from .divprune import most_isolated
+
+MODES = ("union", "attn_seeded", "attn_only")
+
+# Released stage plans, 1-based "prune before decoder layer L" (each stage: layer, kept count rule, mode, params).
+# LLaVA-1.5-7B: 576 -> 288 -> 144 -> 48 -> 0 before layers 4 / 7 / 15 / 23. Qwen2.5-VL-7B: N -> N/2 -> N/4 -> N/8 -> 0
+# before layers 4 / 7 / 16 / 23.
+SCHEDULES: dict[str, list[dict]] = {
+    "llava": [
+        dict(layer=4, keep=288, mode="union", n_div=86, n_attn=86, n_extra=318, rebalance=288, spatial_seed=144),
+        dict(layer=7, keep=144, mode="union", n_div=14, n_attn=129, n_extra=193, rebalance=144),
+        dict(layer=15, keep=48, mode="attn_only", n_extra=57, rebalance=48),
+        dict(layer=23, keep=0),
+    ],
+    "qwen2_5_vl": [
+        dict(layer=4, keep="n//2", mode="attn_seeded", n_attn="int(int(0.1*k)*1.2)"),
+        dict(layer=7, keep="n//2", mode="attn_seeded", n_attn="int(0.4*k)"),
+        dict(layer=16, keep="n//2", mode="attn_only", n_extra="int(1.2*k)", rebalance="k"),
+        dict(layer=23, keep=0),
+    ],
+}
+
+
+def spatial_seed(height: int, width: int, k: int) -> Tensor:
+    """BTP's spatial initialisation: ``k`` cells of a ``height x width`` grid (row-major indices) by farthest point
+    sampling in Manhattan distance from cell 0, ties to the lower index; returned in selection order."""
+    n = height * width
+    k = checks.budget("k", k, n, "height * width")
+    i = torch.arange(n)
+    r, c = i // width, i % width
+    dist = ((r.unsqueeze(1) - r.unsqueeze(0)).abs() + (c.unsqueeze(1) - c.unsqueeze(0)).abs()).float()
+    out = torch.empty(k, dtype=torch.int64)
+    if k == 0:
+        return out
+    taken = torch.zeros(n, dtype=torch.bool)
+    cur = torch.full((n,), float("inf"))
+    pick = 0
+    for t in range(k):
+        out[t] = pick
+        taken[pick] = True
+        cur = torch.minimum(cur, dist[pick])
+        pick = int(cur.masked_fill(taken, -1.0).argmax())
+    return out
+
+
+def attention_picks(score: Tensor, select: int, extra: int, rebalance: int, ok: Tensor) -> Tensor:
+    """The top ``extra`` usable tokens by ``score`` (stable: ties to the lower index); with ``rebalance >= 0`` those
+    whose index is below ``rebalance`` move ahead of the rest (each group keeping its order); the first ``select``.
+    ``[B, select]``, ``-1`` where a sample has fewer usable tokens."""
+    B, N = score.shape
+    key = torch.nan_to_num(score.float(), nan=float("-inf")).masked_fill(~ok, float("-inf"))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, : min(extra, N)]
+    order = torch.where(ok.gather(1, order), order, -1)
+    if rebalance >= 0:
+        late = ((order >= rebalance) | (order < 0)).long()
+        order = order.gather(1, torch.sort(late, dim=1, stable=True).indices)
+    out = torch.full((B, select), -1, dtype=torch.int64, device=score.device)
+    m = min(select, order.shape[1])
+    out[:, :m] = order[:, :m]
+    return out
+
+
+def diversity_picks(P, hidden: Tensor, sim: Tensor, add: Tensor, k: int, seed: Tensor, ok: Tensor) -> Tensor:
+    """``add[b]`` max-min diversity picks in order (``[B, k + 1]``, ``-1`` padded) seeded by ``seed`` (``[B, m]``,
+    ``-1`` padded); a sample without a seed starts from its most isolated token, which counts as a pick (DivPrune's
+    rule)."""
+    seeded = (seed >= 0).any(dim=1)
+    lead = torch.where(~seeded & (add > 0), most_isolated(sim, ok), -1).unsqueeze(1)
+    more = (add - (lead[:, 0] >= 0).long()).clamp_min(0)
+    picks = P.farthest_point_sample(hidden, torch.cat([seed, lead], 1), more, k, ok, sim)
+    return torch.cat([lead, picks], dim=1)
+
+
+def first_occurrences(x: Tensor) -> Tensor:
+    """Each row of ``x`` (``-1`` padded) with repeated values dropped, first occurrences kept in order, ``-1`` padded
+    at the end."""
+    T = x.shape[1]
+    earlier = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=1)  # [s, t]: s < t
+    dup = ((x.unsqueeze(2) == x.unsqueeze(1)) & earlier).any(dim=1)
+    keep = (x >= 0) & ~dup
+    order = torch.sort((~keep).long(), dim=1, stable=True).indices
+    return torch.where(keep.gather(1, order), x.gather(1, order), -1)
+
+
+def _compose(P, hidden, attention, k, mode, n_div, n_attn, n_extra, rebalance, seed, valid):
+    B, N, _ = hidden.shape
+    dev = hidden.device
+    if k == 0 or N == 0:
+        return torch.empty(B, 0, dtype=torch.int64, device=dev)
+    score = attention if attention.dim() == 2 else attention.mean(dim=1)  # [B, H, n]: heads averaged
+    ok = usable(hidden, valid)
+    if mode == "attn_only":
+        return complete(attention_picks(score, k, n_extra, rebalance, ok), k, N)
+    sim = P.gram(hidden)
+    if mode == "attn_seeded":
+        att = attention_picks(score, min(n_attn, k), min(n_attn, k), -1, ok)
+        add = k - (att >= 0).sum(1)
+        more = diversity_picks(P, hidden, sim, add, k, att, ok)
+        return complete(first_occurrences(torch.cat([att, more], 1))[:, :k], k, N)
+    # union
+    none = torch.full((B, 1), -1, dtype=torch.int64, device=dev)
+    div = diversity_picks(P, hidden, sim, torch.full((B,), min(n_div, k), device=dev), max(n_div, 1), none, ok)
+    att = attention_picks(score, n_attn, n_extra, rebalance, ok)
+    const = (seed.expand(B, -1) if seed is not None else none[:, :0])
+    const = torch.where((const < N) & (const >= 0), const, -1)
+    union = first_occurrences(torch.cat([att, const, div], 1))
+    union = union[:, :k] if union.shape[1] >= k else torch.cat([union, none.expand(B, k - union.shape[1])], 1)
+    add = k - (union >= 0).sum(1)
+    more = diversity_picks(P, hidden, sim, add, k, union, ok)
+    return complete(first_occurrences(torch.cat([union, more], 1))[:, :k], k, N)
+
+
+def _prepare(hidden, attention, k, *, mode, n_div=0, n_attn=0, n_extra=0, rebalance=-1, seed=None, valid=None,
+             backend="auto", data=True) -> Prepared:
+    h, unbatched = checks.batched("hidden", hidden)
+    B, N = h.shape[:2]
+    checks.tensor("attention", attention)
+    if attention.dim() == (2 if unbatched else 3) and attention.shape[-1] == N:  # per head: [B, H, n] / [H, n]
+        if not attention.is_floating_point():
+            raise TypeError(f"attention must be a floating-point tensor, got attention.dtype={attention.dtype}")
+        checks.same_device("attention", attention, h)
+        att = attention.reshape(B, -1, N).float().contiguous()
+    else:
+        att = checks.scores("attention", attention, B, N, unbatched, h)
+    k = checks.budget("k", k, N, "n (the number of image tokens)")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+    n_div, n_attn, n_extra = (checks.as_int(nm, x) for nm, x in (("n_div", n_div), ("n_attn", n_attn),
+                                                                  ("n_extra", n_extra)))
+    rebalance = checks.as_int("rebalance", rebalance, minimum=-1)
+    s = None
+    if seed is not None:
+        checks.tensor("seed", seed)
+        if seed.dtype != torch.int64 or seed.dim() != 1:
+            raise TypeError(f"seed must be a 1-D int64 tensor of token indices, got {seed.dtype} {tuple(seed.shape)}")
+        checks.same_device("seed", seed, h)
+        s = seed.unsqueeze(0)
+    ok = None if valid is None else checks.mask("valid", valid, B, N, unbatched, h)
+    inputs = dict(hidden=h, attention=att, k=k, mode=mode, n_div=n_div, n_attn=n_attn, n_extra=n_extra,
+                  rebalance=rebalance, seed=s, valid=ok)
+    return prepared(inputs, h, checks.backend_name(backend), unbatched, data)
+
+
+def _fake(hidden, attention, k, mode, n_div, n_attn, n_extra, rebalance, seed, valid):
+    return hidden.new_empty(hidden.shape[0], k, dtype=torch.int64)
+
+
+BTP_STAGE = register(OpSpec(
+    name="btp_stage",
+    schema="(Tensor hidden, Tensor attention, int k, *, str mode, int n_div=0, int n_attn=0, int n_extra=0, "
+           "int rebalance=-1, Tensor? seed=None, Tensor? valid=None, str backend=\"auto\") -> Tensor",
+    prepare=_prepare, compose=_compose, fake=_fake, budget=lambda k: {"k": k},
+    doc="BTP: one stage of balanced multi-stage pruning (diversity + rebalanced attention + spatial seed)",
+))
+
+
+def btp_stage(
+    hidden: Tensor,
+    attention: Tensor,
+    k: int,
+    *,
+    mode: str,
+    n_div: int = 0,
+    n_attn: int = 0,
+    n_extra: int = 0,
+    rebalance: int | None = None,
+    seed: Tensor | None = None,
+    valid: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """One BTP stage (contract §3.5): ``k`` sorted indices into the ``n`` current image tokens. ``hidden`` ``[B, n, d]``
+    (hidden states entering the pruning layer), ``attention`` ``[B, n]`` or ``[B, H, n]`` (the last prompt token's
+    attention at the layer before; heads are averaged), ``mode`` in ``MODES``, ``rebalance`` (None: off) the index
+    below which attention candidates go first, ``seed`` a constant set of indices (the spatial seed) for ``union``."""
+    checks.door(hidden=hidden, seed=seed, valid=valid)
+    checks.tensor("attention", attention)
+    return torch.ops.mob.btp_stage(
+        hidden, attention, checks.as_int("k", k), mode=mode, n_div=checks.as_int("n_div", n_div),
+        n_attn=checks.as_int("n_attn", n_attn), n_extra=checks.as_int("n_extra", n_extra),
+        rebalance=-1 if rebalance is None else checks.as_int("rebalance", rebalance), seed=seed, valid=valid,
+        backend=checks.backend_name(backend),
+    )
