@@ -1,16 +1,25 @@
-"""``python -m mob_kernels.bench``: time select and its two stages for every backend and peer, side by side.
+"""``python -m mob_kernels.bench``: time every selection method, backend and peer side by side, against the reference.
 
-    python -m mob_kernels.bench --preset demo               # the main job (``make demo``): one LLaVA-1.5 image
-    python -m mob_kernels.bench                             # every preset; table, JSON, markdown and PNG in --out
-    python -m mob_kernels.bench --preset llava15 --dtypes bfloat16 --backends cpu --no-peers
+    python -m mob_kernels.bench --preset demo                   # the main job (``make demo``): one LLaVA-1.5 image
+    python -m mob_kernels.bench                                 # every CPU preset and method; JSON, MD, CSV, PNG
+    python -m mob_kernels.bench --preset llava15 --method divprune --method cdpruner --dtype bfloat16
+    python -m mob_kernels.bench --shape 1,576,4096,64,64,32 --shape 1,576,4096,64,128 --dtype float32
+    python -m mob_kernels.bench --preset gpu                    # the GPU check (needs CUDA): eager and CUDA graphs
+
+Methods (``--method``, repeatable; default every registered method a preset has cases for): ``select`` (MoB, with its
+two stages cover and fps timed alone too), ``divprune`` and ``cdpruner``. ``--shape B,N,d,L,k[,k_p]`` (repeatable)
+adds a custom case for every chosen method; k_p defaults to ``mob_kernels.prompt_budget(k)``.
 
 Every output is checked against the reference backend's output on the same input, so a speed-up is never quoted
-for a wrong answer ("agrees" in the JSON; "!" in the tables).
+for a wrong answer ("agrees" in the JSON and CSV; "!" in the tables; when they differ, the reference's closest
+decision margin says whether the input held a near-tie). Each measurement also records the workspace of one call
+(``mob_kernels/bench/memory.py`` says how it is measured on each device).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import importlib.util
 import json
@@ -26,14 +35,29 @@ import torch
 
 import mob_kernels as mk
 
+from . import memory
 from . import peers as peer_mod
 from .machine import machine_info, machine_line
-from .presets import DEFAULT_PRESETS, OBJECT_REGION, PRESETS, Case, build_preset, grid_side, make_inputs, token_regions
-from .report import LEGEND, console_table, markdown_report, write_plot
-from .timing import Policy, time_fn
+from .presets import (
+    BENCH_METHODS,
+    DEFAULT_PRESETS,
+    GPU_PRESETS,
+    OBJECT_REGION,
+    PRESETS,
+    Case,
+    build_preset,
+    grid_side,
+    make_inputs,
+    make_relevance,
+    parse_shape,
+    token_regions,
+)
+from .report import LEGEND, console_table, markdown_report, mismatch_lines, write_csv, write_plot
+from .timing import Policy, time_cuda_graph, time_fn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STAGES = ("select", "cover", "fps")
+STAGES = ("select", "cover", "fps")  # MoB's; the other methods have one stage, the method itself
+DEFAULT_DTYPES = ("float32", "bfloat16")
 
 
 def default_backends(device: str) -> list[str]:
@@ -41,19 +65,128 @@ def default_backends(device: str) -> list[str]:
     return [b for b in mk.available_backends(device) if not (b == "triton" and device == "cpu")]
 
 
+def bench_methods() -> list[str]:
+    """The registered selection methods the bench can feed, in registration order."""
+    return [m for m in mk.methods() if m in BENCH_METHODS]
+
+
+def stages_of(method: str, select_stages) -> list[str]:
+    return list(select_stages) if method == "select" else [method]
+
+
+# ------------------------------------------------------------------------------------------------------------ jobs
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One measurement: an implementation of one stage on one (case, dtype)."""
+
+    case: Case
+    dtype: str
+    stage: str
+    impl: str
+    kind: str  # "backend" or "peer"
+    mode: str  # "eager" or "graph"
+    device: str
+
+    def what(self) -> str:
+        return f"{self.case.label()} {self.dtype} {self.stage} {self.impl}" + (" graph" if self.mode == "graph" else "")
+
+    def work(self) -> float:
+        """Rough multiply-adds of one call (only ratios between jobs of one implementation matter: the ETA)."""
+        c = self.case
+        base = c.B * c.N * c.d
+        return float({"select": base * (c.L + c.k), "cover": base * c.L, "fps": base * c.k,
+                      "divprune": base * (c.N + c.k), "cdpruner": base * c.N + c.B * c.N * c.k * c.k}
+                     .get(self.stage, base * c.k)) or 1.0
+
+
+def case_dtypes(case: Case, dtypes: list[str], explicit: bool) -> list[str]:
+    if case.dtypes is None:
+        return dtypes
+    return [d for d in case.dtypes if d in dtypes] if explicit else list(case.dtypes)
+
+
+def plan(cases: list[Case], dtypes: list[str], dtypes_explicit: bool, backends: list[str], peers: list[str],
+         select_stages: list[str], device: str, graphs: bool) -> list[Job]:
+    """Every measurement of a run, in order: per (case, dtype, stage) the reference first (its output is the answer
+    the others are checked against), the other backends (each followed by its CUDA-graph replay when ``graphs``),
+    then the peers that stand in for that stage."""
+    jobs = []
+    for case in cases:
+        for dt in case_dtypes(case, dtypes, dtypes_explicit):
+            for stage in stages_of(case.method, select_stages):
+                for b in backends:
+                    jobs.append(Job(case, dt, stage, b, "backend", "eager", device))
+                    if graphs and b != "reference":
+                        jobs.append(Job(case, dt, stage, b, "backend", "graph", device))
+                for p in peers:
+                    if peer_mod.STAGE_OF_PEER[p] == stage and (dt == "float32" or p in peer_mod.ANY_DTYPE):
+                        jobs.append(Job(case, dt, stage, p, "peer", "eager", peer_mod.peer_device(p, device)))
+    return jobs
+
+
 class Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled, self.start = total, 0, enabled, time.perf_counter()
+    """Progress lines on stderr with an ETA. The ETA models each remaining measurement from its implementation's
+    observed cost per multiply-add and the timing policy (warm-up, the memory call, repeats up to ``budget_s``),
+    scaled by how far the model was off for the measurements already made."""
 
-    def step(self, what: str, ms: float) -> None:
+    def __init__(self, jobs: list[Job], policy: Policy, enabled: bool, clock=time.perf_counter):
+        self.jobs, self.policy, self.enabled, self.clock = jobs, policy, enabled, clock
+        self.done = 0
+        self.start = clock()
+        self.rate: dict[tuple, float] = {}  # (impl, mode, stage) -> seconds per unit of work, from its medians
+
+    def _rate(self, job: Job) -> float | None:
+        for key in ((job.impl, job.mode, job.stage), (job.impl, job.mode), (job.impl,)):
+            got = [r for k, r in self.rate.items() if k[:len(key)] == key]
+            if got:
+                return sorted(got)[len(got) // 2]
+        return sorted(self.rate.values())[len(self.rate) // 2] if self.rate else None
+
+    def predict(self, job: Job) -> float:
+        rate = self._rate(job)
+        if rate is None:
+            return self.policy.budget_s
+        t = rate * job.work()
+        p = self.policy
+        return (p.warmup + 1) * t + min(max(p.min_repeats * t, p.budget_s), p.max_repeats * t)
+
+    def eta(self) -> float | None:
+        if not self.done or not self.rate:
+            return None
+        elapsed = self.clock() - self.start
+        modelled = sum(self.predict(j) for j in self.jobs[:self.done]) or 1e-9
+        return elapsed / modelled * sum(self.predict(j) for j in self.jobs[self.done:])
+
+    def step(self, job: Job, median_ms: float) -> str:
+        self.rate[(job.impl, job.mode, job.stage)] = median_ms / 1e3 / job.work()
         self.done += 1
+        elapsed = self.clock() - self.start
+        eta = self.eta()
+        left = "done" if self.done == len(self.jobs) else ("ETA ?" if eta is None else f"ETA {fmt_duration(eta)}")
+        line = f"[{self.done:>3}/{len(self.jobs)}] {elapsed:6.1f}s {left:>11}  {job.what()}: {median_ms:.3f} ms"
         if self.enabled:
-            elapsed = time.perf_counter() - self.start
-            print(f"[{self.done:>3}/{self.total}] {elapsed:6.1f}s  {what}: {ms:.3f} ms", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
+        return line
 
 
-def _rows_of(x: torch.Tensor) -> list[list[int]]:
-    return [[int(i) for i in row if i >= 0] for row in x.cpu().tolist()]
+def fmt_duration(s: float) -> str:
+    s = max(0.0, s)
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+# --------------------------------------------------------------------------------------------------------- running
+
+
+def _rows_of(x) -> list[list[int]]:
+    if isinstance(x, torch.Tensor):
+        x = x.cpu().tolist()
+    return [[int(i) for i in row if i >= 0] for row in x]
 
 
 def _compare(got: list[list[int]], want: list[list[int]]) -> tuple[bool, float]:
@@ -63,58 +196,107 @@ def _compare(got: list[list[int]], want: list[list[int]]) -> tuple[bool, float]:
     return got == want, (shared / total if total else 1.0)
 
 
-def bench_case(case: Case, dtype: str, device: str, backends: list[str], peers: list[str], stages: list[str],
-               policy: Policy, progress: Progress) -> list[dict]:
-    """Every (stage, implementation) on one input. The reference runs first in each stage; its output is the answer
-    every other implementation is checked against (and its cover picks seed the FPS stage)."""
-    vis, prompt = make_inputs(case, DTYPES[dtype], device)
-    k_p, k = case.k_p, case.k
-    cover = count = None
+class CaseInputs:
+    """The inputs of one (case, dtype), made once, and the callables of every implementation of every stage."""
 
-    def fps_setup():
-        nonlocal cover, count
-        if cover is None:
-            cover, count = mk.prompt_cover(vis, prompt, k_p, backend="reference")
-        # The FPS stage as select runs it: seeded by the cover, for the rest of the budget (one k for the batch).
-        return cover, k - int(count.min())
+    def __init__(self, case: Case, dtype: str, device: str):
+        self.case, self.dtype, self.device = case, dtype, device
+        self.vis, self.prompt = make_inputs(case, DTYPES[dtype], device)
+        self.relevance = make_relevance(self.vis, self.prompt) if case.method == "cdpruner" else None
+        self._cover = None
 
-    def job(stage: str, impl: str):
+    def cover(self):
+        """The reference's cover picks and, for the FPS stage as select runs it, how many picks remain (one k for
+        the batch: k - the smallest count)."""
+        if self._cover is None:
+            cover, count = mk.prompt_cover(self.vis, self.prompt, self.case.k_p, backend="reference")
+            self._cover = (cover, self.case.k - int(count.min()))
+        return self._cover
+
+    def call(self, stage: str, impl: str, kind: str):
+        c, vis, prompt = self.case, self.vis, self.prompt
+        if kind == "peer":
+            if stage in ("cover", "fps"):
+                seed, k_fps = self.cover()
+                return peer_mod.peer_call(impl, vis, prompt, c.k_p, 0, _rows_of(seed), [k_fps] * c.B)
+            return peer_mod.peer_call(impl, vis, k=c.k, relevance=self.relevance)
         if stage == "select":
-            return lambda: mk.select(vis, prompt, k_p, k, backend=impl)
+            return lambda: mk.select(vis, prompt, c.k_p, c.k, backend=impl)
         if stage == "cover":
-            return lambda: mk.prompt_cover(vis, prompt, k_p, backend=impl)
-        seed, k_fps = fps_setup()
-        return lambda: mk.farthest_point_sample(vis, k_fps, seed=seed, backend=impl)
+            return lambda: mk.prompt_cover(vis, prompt, c.k_p, backend=impl)[0]
+        if stage == "fps":
+            seed, k_fps = self.cover()
+            return lambda: mk.farthest_point_sample(vis, k_fps, seed=seed, backend=impl)
+        if stage == "divprune":
+            return lambda: mk.divprune(vis, c.k, backend=impl)
+        if stage == "cdpruner":
+            return lambda: mk.cdpruner(vis, self.relevance, c.k, backend=impl)
+        raise ValueError(f"unknown stage {stage!r}")
 
-    def peer_job(stage: str, name: str):
-        seed, k_fps = fps_setup()
-        return peer_mod.peer_call(name, vis, prompt, k_p, 0, _rows_of(seed), [k_fps] * case.B)
+    def picks(self, stage: str, out) -> list[list[int]]:
+        rows = _rows_of(out)
+        # DivPrune's released loop returns picks in selection order; the method's output is sorted.
+        return [sorted(r) for r in rows] if stage in ("divprune", "cdpruner") else rows
 
-    rows = []
-    for stage in stages:
-        jobs = [(b, "backend", device, (lambda s=stage, b=b: job(s, b))) for b in backends]
-        if dtype == "float32":
-            jobs += [(p, "peer", peer_mod.peer_device(p, device), (lambda s=stage, p=p: peer_job(s, p)))
-                     for p in peers if peer_mod.STAGE_OF_PEER[p] == stage]
-        want = None
-        stage_rows = []
-        for impl, kind, dev, make_fn in jobs:
-            timing, out = time_fn(make_fn(), dev, policy)
-            if stage == "cover" and kind == "backend":
-                if impl == "reference":
-                    cover, count = out
-                out = out[0]
-            got = _rows_of(out) if isinstance(out, torch.Tensor) else out
-            if impl == "reference":
-                want = got
-            agrees, overlap = _compare(got, want)
-            stage_rows.append({**case.as_dict(), "dtype": dtype, "stage": stage, "impl": impl, "kind": kind,
-                               "device": dev, **timing.as_dict(), "agrees": agrees, "overlap": overlap})
-            progress.step(f"{case.label()} {dtype} {stage} {impl}", timing.median_ms)
-        ref = stage_rows[0]  # backends[0] is always the reference (main() sees to it)
-        for r in stage_rows:
-            r["speedup"] = ref["median_ms"] / r["median_ms"]
-        rows += stage_rows
+    def margin(self, stage: str) -> float:
+        c = self.case
+        seeds = _rows_of(self.cover()[0]) if stage == "fps" else None
+        return peer_mod.decision_margin(stage, self.vis, prompt=self.prompt, k_p=c.k_p, k=c.k,
+                                        relevance=self.relevance, seeds=seeds)
+
+
+def measure_workspace(job: Job, fn) -> tuple[int | None, str, dict]:
+    """(bytes, how, parts) for one call of ``fn`` (see ``memory``)."""
+    if job.device.startswith("cuda"):
+        ws, _ = memory.cuda_workspace(fn)
+        return ws, "cuda max_memory_allocated", {}
+    return memory.cpu_workspace(fn)
+
+
+def run_jobs(jobs: list[Job], policy: Policy, progress: Progress, *, workspace: bool = True) -> list[dict]:
+    rows: list[dict] = []
+    inputs: CaseInputs | None = None
+    want: dict[tuple, list[list[int]]] = {}
+    ref_ms: dict[tuple, float] = {}
+    eager_ws: dict[tuple, tuple] = {}
+    margins: dict[tuple, float] = {}
+    for job in jobs:
+        if inputs is None or (inputs.case, inputs.dtype) != (job.case, job.dtype):
+            # A (case, dtype) starts with the reference backend, on the run's device.
+            inputs = CaseInputs(job.case, job.dtype, job.device)
+        key = (job.case, job.dtype, job.stage)
+        fn = inputs.call(job.stage, job.impl, job.kind)
+        ws, how, parts = None, None, {}
+        if job.mode == "graph":
+            try:
+                timing, out = time_cuda_graph(fn, policy)
+            except Exception as e:  # noqa: BLE001 - a backend that cannot be captured is a result, not a crash
+                print(f"{job.what()}: CUDA graph capture failed ({type(e).__name__}: {e}); no graph column here",
+                      file=sys.stderr)
+                progress.jobs = [j for j in progress.jobs if j is not job]
+                continue
+            ws, how, parts = eager_ws.get((key, job.impl), (None, None, {}))
+            how = how and f"{how} (eager call; replays reuse the graph's pool)"
+        else:
+            timing, out = time_fn(fn, job.device, policy)
+            if workspace:
+                ws, how, parts = measure_workspace(job, fn)
+                eager_ws[(key, job.impl)] = (ws, how, parts)
+        got = inputs.picks(job.stage, out)
+        if job.impl == "reference":
+            want[key], ref_ms[key] = got, timing.median_ms
+        agrees, overlap = _compare(got, want[key])
+        margin = None
+        if not agrees:
+            if key not in margins:
+                margins[key] = inputs.margin(job.stage)
+            margin = margins[key]
+        rows.append({**job.case.as_dict(), "dtype": job.dtype, "stage": job.stage, "impl": job.impl,
+                     "kind": job.kind, "mode": job.mode, "device": job.device, **timing.as_dict(),
+                     "agrees": agrees, "overlap": overlap, "margin": margin,
+                     "speedup": ref_ms[key] / timing.median_ms, "workspace_bytes": ws, "workspace_how": how,
+                     **parts})
+        progress.step(job, timing.median_ms)
     return rows
 
 
@@ -189,7 +371,8 @@ def run_prefill(extra_args: str, out_stem: str) -> dict:
     print(proc.stdout, end="")
     if proc.returncode:
         print(proc.stderr, end="", file=sys.stderr)
-    result = {"status": "ok" if proc.returncode == 0 else "failed", "command": cmd, "returncode": proc.returncode,
+    result = {"status": "ok" if proc.returncode == 0 else "failed",
+              "command": ["python", "-m", PREFILL_MODULE, *args], "returncode": proc.returncode,
               "output": proc.stdout}
     written = Path(out_stem).with_suffix(".json")
     if proc.returncode == 0 and written.exists():
@@ -203,23 +386,34 @@ def run_prefill(extra_args: str, out_stem: str) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m mob_kernels.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", nargs="+", default=list(DEFAULT_PRESETS), choices=PRESETS, metavar="NAME",
-                    help=f"shape presets ({', '.join(PRESETS)}); default: {' '.join(DEFAULT_PRESETS)}")
+    ap.add_argument("--preset", "--presets", dest="presets", action="extend", nargs="+", default=None,
+                    choices=PRESETS, metavar="NAME",
+                    help=f"shape presets, repeatable ({', '.join(PRESETS)}); default: {' '.join(DEFAULT_PRESETS)} "
+                         "(none when --shape is given)")
+    ap.add_argument("--shape", dest="shapes", action="append", default=None, metavar="B,N,d,L,k[,k_p]",
+                    help="a custom case, repeatable; k_p defaults to mob_kernels.prompt_budget(k)")
+    ap.add_argument("--method", "--methods", dest="methods", action="extend", nargs="+", default=None,
+                    metavar="NAME", help=f"selection methods, repeatable ({', '.join(BENCH_METHODS)}); default: every "
+                                         "registered one that the chosen presets have cases for")
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192],
-                    help="K values for the presets whose budget is not fixed (k_p per SPEC.md §6)")
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+                    help="K values for MoB's presets whose budget is not fixed (k_p = mob_kernels.prompt_budget(K))")
+    ap.add_argument("--dtype", "--dtypes", dest="dtypes", action="extend", nargs="+", default=None,
+                    choices=list(DTYPES), help="repeatable; default: float32 bfloat16 (the gpu preset pins its own)")
     ap.add_argument("--backends", nargs="+", default=None, help="default: every available backend on --device")
-    ap.add_argument("--peers", nargs="+", default=None, choices=["faiss", "fpsample", "greedy"],
-                    help="default: every installed peer (float32 inputs only)")
+    ap.add_argument("--peers", nargs="+", default=None, choices=list(peer_mod.PEERS),
+                    help="default: every installed peer")
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="MoB stages to time")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    ap.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
+                    help="also replay each non-reference backend from a CUDA graph (auto: on CUDA)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the workspace measurement (one extra call each)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--min-repeats", type=int, default=3)
     ap.add_argument("--max-repeats", type=int, default=50)
     ap.add_argument("--budget-s", type=float, default=0.5, help="seconds of repeats per measurement (at least "
                     "--min-repeats)")
-    ap.add_argument("--out", default=None, help="directory for results.json, results.md and results.png "
+    ap.add_argument("--out", default=None, help="directory for NAME.json, .md, .csv and .png "
                     "(default: ./mob_bench_results; the demo writes nothing unless asked)")
     ap.add_argument("--name", default="results", help="file stem inside --out")
     ap.add_argument("--json", default=None, help="write the JSON here (overrides --out)")
@@ -232,54 +426,96 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _no_cuda_message(what: str) -> str:
+    return (f"{what} needs a CUDA device, and torch.cuda.is_available() is False here (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda or 'none'}).")
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
     if args.threads:
         # torch.set_num_threads sets OpenMP's thread count for this thread, which the C++ kernels' regions use too.
         torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    demo = args.preset == ["demo"]
+    has_cuda = torch.cuda.is_available()
+    device = args.device if args.device != "auto" else ("cuda" if has_cuda else "cpu")
+    if device.startswith("cuda") and not has_cuda:
+        print(_no_cuda_message(f"--device {device}") + " Nothing was measured.", file=sys.stderr)
+        return 2
+
+    registered = bench_methods()
+    methods = args.methods or registered
+    unknown = [m for m in methods if m not in registered]
+    if unknown:
+        print(f"--method: {unknown} not among the registered methods the bench runs ({registered})", file=sys.stderr)
+        return 2
+    presets = args.presets or ([] if args.shapes else list(DEFAULT_PRESETS))
+    notes = []
+    gpu_asked = [p for p in presets if p in GPU_PRESETS]
+    if gpu_asked and not device.startswith("cuda"):
+        print(_no_cuda_message(f"--preset {' '.join(gpu_asked)}") + " Its cases are skipped (run it on a machine "
+              "with a GPU, e.g. python -m mob_kernels.bench --preset gpu).", file=sys.stderr)
+        presets = [p for p in presets if p not in GPU_PRESETS]
+        notes.append(f"preset {', '.join(gpu_asked)} skipped: no CUDA device")
+    try:
+        cases = [c for p in presets for c in build_preset(p, tuple(args.budgets), tuple(methods))]
+        cases += [c for s in (args.shapes or []) for c in parse_shape(s, tuple(methods))]
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if not cases:
+        print("Nothing to measure: no case of the chosen presets and shapes applies to the chosen methods "
+              f"({', '.join(methods)}).", file=sys.stderr)
+        return 2
+    notes += list(dict.fromkeys(c.note for c in cases if c.note))
+
+    demo = presets == ["demo"] and not args.shapes
     backends = args.backends or default_backends(device)
     # Every ratio and every agreement check needs the reference, measured first.
     backends = ["reference", *[b for b in backends if b != "reference"]]
     peers = [] if (args.no_peers or demo) else (args.peers or peer_mod.available_peers())
-    stages = ["select"] if demo else args.stages
+    select_stages = ["select"] if demo else args.stages
+    graphs = args.graphs == "on" or (args.graphs == "auto" and device.startswith("cuda"))
+    if graphs and not device.startswith("cuda"):
+        print("--graphs on needs --device cuda; no graph columns", file=sys.stderr)
+        graphs = False
+    dtypes = args.dtypes or list(DEFAULT_DTYPES)
     policy = Policy(warmup=args.warmup, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
                     budget_s=args.budget_s)
-    cases = [c for p in args.preset for c in build_preset(p, tuple(args.budgets))]
-
-    n_jobs = 0
-    for _ in cases:
-        for dt in args.dtypes:
-            for st in stages:
-                n_jobs += len(backends) + (sum(peer_mod.STAGE_OF_PEER[p] == st for p in peers) if dt == "float32" else 0)
-    progress = Progress(n_jobs, enabled=not args.quiet and not demo)
+    jobs = plan(cases, dtypes, args.dtypes is not None, backends, peers, select_stages, device, graphs)
+    if not jobs:
+        print("Nothing to measure: the chosen dtypes leave no case to run.", file=sys.stderr)
+        return 2
+    progress = Progress(jobs, policy, enabled=not args.quiet and not demo)
 
     info = machine_info()
     if not demo:
         print(f"mob_kernels bench on {device}: {machine_line(info)}", flush=True)
-        print(f"{len(cases)} cases x {len(args.dtypes)} dtypes, backends {backends}, peers {peers}, "
-              f"{n_jobs} measurements", flush=True)
+        print(f"{len(cases)} cases, methods {methods}, dtypes {dtypes}, backends {backends}"
+              f"{' (+ CUDA graphs)' if graphs else ''}, peers {peers}: {len(jobs)} measurements", flush=True)
+        for note in notes:
+            print(f"note: {note}", flush=True)
     load = info.get("load_average")
     if load and load[0] > (info["cpu_count"] or 1):
         print(f"warning: the machine is busy (load average {load[0]} on {info['cpu_count']} cores); wall-clock "
               f"timings will be inflated, the reference's (many small multi-threaded ops) most", file=sys.stderr)
-    rows = []
-    for case in cases:
-        for dt in args.dtypes:
-            rows += bench_case(case, dt, device, backends, peers, stages, policy, progress)
+    rows = run_jobs(jobs, policy, progress, workspace=not (args.no_memory or demo))
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
     result = {
-        "schema": 1,
+        "schema": 2,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m mob_kernels.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "machine": info,
-        "config": {"presets": args.preset, "budgets": args.budgets, "dtypes": args.dtypes, "device": device,
-                   "backends": backends, "peers": peers, "stages": stages,
-                   "policy": {"warmup": policy.warmup, "min_repeats": policy.min_repeats,
-                              "max_repeats": policy.max_repeats, "budget_s": policy.budget_s},
+        "command": "python -m mob_kernels.bench " + " ".join(shlex.quote(a) for a in argv),
+        "config": {"presets": presets, "shapes": list(args.shapes or []), "methods": methods, "dtypes": dtypes,
+                   "device": device, "backends": backends, "graphs": graphs, "peers": peers,
+                   "stages": select_stages, "budgets": args.budgets, "memory": not (args.no_memory or demo),
+                   "policy": dataclasses.asdict(policy), "threads": torch.get_num_threads(),
                    "peer_versions": {p: peer_mod.peer_version(p) for p in peers}},
+        "machine": info,
+        "notes": notes,
         "rows": rows,
     }
     if demo:
@@ -301,6 +537,9 @@ def main(argv=None) -> int:
         md = os.path.join(out_dir, f"{args.name}.md")
         Path(md).write_text(markdown_report(result))
         written.append(md)
+        csv_path = os.path.join(out_dir, f"{args.name}.csv")
+        write_csv(rows, csv_path)
+        written.append(csv_path)
         if not args.no_plot and not demo:
             png = os.path.join(out_dir, f"{args.name}.png")
             if write_plot(rows, png, f"mob_kernels on {machine_line(info)}"):
@@ -313,8 +552,9 @@ def main(argv=None) -> int:
         written.append(json_path)
     if written:
         print("\nwrote " + ", ".join(written))
-    disagree = [r for r in rows if r["kind"] == "backend" and not r["agrees"]]
-    if disagree:
-        print(f"\n{len(disagree)} backend result(s) differ from the reference (see 'agrees' in the JSON)",
-              file=sys.stderr)
+    bad = mismatch_lines([r for r in rows if r["kind"] == "backend"])
+    if bad:
+        print(f"\n{len(bad)} backend result(s) differ from the reference:", file=sys.stderr)
+        for line in bad:
+            print(f"  {line}", file=sys.stderr)
     return 0

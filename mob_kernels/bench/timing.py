@@ -1,4 +1,5 @@
-"""Timers: wall clock on the CPU, device time (CUDA events) on a GPU; both report median and interquartile range.
+"""Timers: wall clock on the CPU, device time (CUDA events) on a GPU, and CUDA-graph replays; all report the median
+and interquartile range.
 
 Each measurement warms up first (the first call pays for lazy initialisation, allocator growth, Triton compilation),
 then repeats until it has at least ``min_repeats`` samples and has spent ``budget_s`` seconds, or reached
@@ -106,6 +107,38 @@ def time_cuda(fn: Callable[[], object], policy: Policy = Policy()) -> tuple[Timi
         e.record()
     torch.cuda.synchronize()
     return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], warmup=warmup + 1, timer="cuda_event"), out
+
+
+def capture_cuda_graph(fn: Callable[[], object], warmup: int = 2) -> tuple[object, object]:
+    """(graph, static output): ``fn`` warmed up on a side stream (allocator, Triton compilation, lazy state), then
+    captured once into a ``torch.cuda.CUDAGraph``. ``graph.replay()`` re-runs the captured kernels and rewrites the
+    static output in place. Raises what capture raises (a host synchronisation inside ``fn``, say)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize()
+    return graph, out
+
+
+def time_cuda_graph(fn: Callable[[], object], policy: Policy = Policy()) -> tuple[Timing, object]:
+    """Device time of replaying ``fn`` from a CUDA graph captured after warm-up (CUDA events around each replay), and
+    the static output after the last replay. ``timer`` is "cuda_graph"."""
+    import torch
+
+    graph, out = capture_cuda_graph(fn, policy.warmup)
+    timing, _ = time_cuda(graph.replay, Policy(warmup=1, min_repeats=policy.min_repeats,
+                                               max_repeats=policy.max_repeats, budget_s=policy.budget_s))
+    torch.cuda.synchronize()
+    return Timing(**{**timing.__dict__, "warmup": timing.warmup + max(1, policy.warmup), "timer": "cuda_graph"}), out
 
 
 def time_fn(fn: Callable[[], object], device: str, policy: Policy = Policy()) -> tuple[Timing, object]:
