@@ -1,9 +1,15 @@
 """Triton backend: the backend protocol on top of the vendorable kernel files in ``triton_kernels/``.
 
-``select`` is prompt cover (one launch) -> FPS seeded by the cover picks with num_picks = k - count computed on the
-device (fill_to_k) and the sorted union written by the FPS kernel itself (sorted_union): no ``.item()``, no
-data-dependent shape, so the whole call can be captured in a CUDA graph. Runs on CUDA tensors, and on CPU tensors under
-``TRITON_INTERPRET=1`` (the registry decides which).
+Every primitive is native and host-sync free with fixed output shapes (so calls can be captured in a CUDA graph):
+
+* ``gram``, ``prompt_cover``, ``farthest_point_sample`` -- ``triton_kernels/mob_select.py``, one launch each (the FPS
+  computes its Gram tiles and runs its per-sample loop in the same launch, or reads the given ``sim``);
+* ``select`` (MoB, fused) -- the same file: cover tiles, Gram tiles, the cover's finish and the seeded FPS writing the
+  sorted union, all in ONE launch;
+* ``dpp_greedy`` -- ``triton_kernels/dpp_greedy.py``: Gram tiles and the per-sample greedy loop in one launch;
+* ``independent_set`` -- no native kernel yet: delegates to the reference (plain torch, host-sync free).
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the registry decides which).
 """
 
 from __future__ import annotations
@@ -13,10 +19,10 @@ from torch import Tensor
 from .reference import ReferenceBackend
 
 try:
-    from .triton_kernels.farthest_point_sample import farthest_point_sample as _fps
-    from .triton_kernels.prompt_cover import prompt_cover as _prompt_cover
+    from .triton_kernels import dpp_greedy as _dpp
+    from .triton_kernels import mob_select as _mob
 except ImportError as e:  # triton not installed (e.g. CPU-only wheels on macOS / Windows)
-    _fps = _prompt_cover = None
+    _dpp = _mob = None
     UNAVAILABLE_REASON = f"triton does not import ({e}); pip install triton"
 
 
@@ -25,28 +31,31 @@ class TritonBackend:
 
     @staticmethod
     def gram(vis: Tensor) -> Tensor:
-        return ReferenceBackend.gram(vis)  # no native kernel exposed yet
+        return _mob.gram(vis)
 
     @staticmethod
     def prompt_cover(vis: Tensor, prompt: Tensor, mask: Tensor, k_p: int, fold: Tensor) -> tuple[Tensor, Tensor]:
-        return _prompt_cover(vis, prompt, mask, k_p, fold)
+        return _mob.prompt_cover(vis, prompt, mask, k_p, fold)
 
     @staticmethod
     def farthest_point_sample(
         vis: Tensor, seed: Tensor, num_picks: Tensor, k: int, valid: Tensor | None = None, sim: Tensor | None = None
     ) -> Tensor:
-        if valid is not None:  # no native kernel for the valid mask yet
-            return ReferenceBackend.farthest_point_sample(vis, seed, num_picks, k, valid, sim)
-        return _fps(vis, k, seed, num_picks)
+        return _mob.farthest_point_sample(vis, seed, num_picks, k, valid, sim)
 
     @staticmethod
     def dpp_greedy(vis: Tensor, relevance: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return ReferenceBackend.dpp_greedy(vis, relevance, valid, k)  # no native kernel yet
+        return _dpp.dpp_greedy(vis, relevance, valid, k)
+
+    @staticmethod
+    def independent_set(
+        vis: Tensor, rank: Tensor, num_picks: Tensor, k: int, near: float, far: float, grid: Tensor | None, radius: int
+    ) -> Tensor:
+        return ReferenceBackend.independent_set(vis, rank, num_picks, k, near, far, grid, radius)
 
     @staticmethod
     def select(vis: Tensor, prompt: Tensor, mask: Tensor, k_p: int, k: int, fold: Tensor) -> Tensor:
-        cover, _count = _prompt_cover(vis, prompt, mask, k_p, fold)
-        return _fps(vis, k, cover, fill_to_k=True, sorted_union=True)
+        return _mob.select(vis, prompt, mask, k_p, k, fold)
 
 
-BACKEND = TritonBackend() if _fps is not None else None
+BACKEND = TritonBackend() if _mob is not None else None
