@@ -1,230 +1,324 @@
-// CUDA farthest point sampling (SPEC.md §2 step 3) and the whole select (§2), plus the workspace query.
+// CUDA farthest point sampling (the reference's farthest_point_sample) over rows of a Gram matrix, and the per-sample
+// half of the prompt cover and of select.
 //
-// fps_kernel: one block per sample (a grid-stride loop over samples). The running min-distances dist[N] and the taken
-// flags live in shared memory when N * 5 bytes fit the device's per-block limit, else in the global workspace (same
-// code through generic pointers). Each step is one sweep: warp w owns rows w, w + W, ...; for every untaken row it
-// computes dot(v_i, v_centre) with the whole warp (coalesced along d, float32 accumulation of the raw inputs), sets
-// dist(i) = min(dist(i), 1 - dot * inv_i * inv_centre) (a NaN stays, as torch.minimum), and keeps its best
-// (dist, lower index) candidate; a warp-shuffle argmax and one across warps pick the next centre. Two barriers per
-// step, no atomics, no host sync. Seeds (the prompt cover, -1 = none) are marked taken and swept in first; with no
-// seed the first pick is the largest raw norm (NaN ranking lowest), as reference.py does.
-// For select, the taken flags at the end are exactly S_p ∪ S_v, so a block-wide ballot/prefix compaction writes them
-// out already sorted: no sort kernel.
+// fps_kernel, one block per sample (a grid-stride loop over samples). Token i belongs to thread i % blockDim for the
+// whole kernel: only its owner reads or writes dist[i] and off[i] (taken or invalid), so the per-token state needs no
+// barrier at all; barriers separate only the phases and the shared slots of the reductions.
+//   1. prompt-cover picks (when `count` is given): candidates (cover > -inf) compacted in index order by ballots, the
+//      k_p best by counting, per candidate, the candidates that rank before it; picks[rank] = token.
+//   2. seeds folded in one parallel pass: dist[i] = amin over the seeds s of (1 - G[s, i]) (NaN propagates), off[i] =
+//      i is a seed or not valid; a block sum gives the picks n = min(want, N - #off).
+//   3. n steps: the owner folds the last centre's row into dist[i] (torch.minimum semantics) and offers its best
+//      untaken token (key: distance, NaN ranking as NAN_RANK, ties to the lower index; the first unseeded pick ranks by
+//      raw norm instead); one block argmax (one barrier, common.cuh) names the centre, whose owner marks it taken.
+//   4. select: the taken flags are then exactly the cover picks and the FPS picks, so a ballot/prefix compaction
+//      writes them out already sorted: no sort kernel.
+// Similarity rows come from a Gram matrix (the workspace's, or the caller's `sim`): a row read is one coalesced load
+// per token. Without one (N too large for the Gram budget, or kCudaRowsOnDemand) the row of each seed and centre is
+// computed from the features by warps into a row buffer, with a barrier on each side. dist/off (and the candidate
+// keys and indices of phase 1) live in shared memory when they fit, else in the global workspace; same code.
 #include "cuda/common.cuh"
 
 namespace mob::gpu {
 namespace {
 
-constexpr int kFpsThreads = 512;
-
 struct FpsArgs {
+  int64_t B, N, d, k;
+  const float* gram;
+  int64_t g_bs, g_rs;
   const void* vis;
   int64_t v_bs, v_rs;
-  int64_t B, N, d, k, m;
-  const float* norm;  // [B, N]
-  const float* inv;   // [B, N]
-  const int64_t* seed;         // [B, m], -1 = none
-  const int64_t* num_picks;    // [B] or null: then k - cover_count[b]
-  const int64_t* cover_count;  // [B]
-  int64_t* out_order;          // [B, k] or null
-  int64_t* out_sorted;         // [B, k] or null
-  float* g_dist;               // [B, N] global fallback
-  uint8_t* g_taken;            // [B, N] global fallback
+  const float* norm;
+  const float* scale;
+  const int64_t* seed;
+  int64_t m;
+  const bool* valid;
+  const int64_t* num_picks;
+  const float* cover;
+  int64_t k_p;
+  int64_t* picks;
+  int64_t* count;
+  int64_t* out_order;
+  int64_t* out_sorted;
   bool in_shared;
+  FpsShared sh;
+  float* g_keys;
+  int32_t* g_index;
+  float* g_row;
+  uint8_t* g_off;
 };
 
-// Shared-memory bytes for one sample's dist (float) and taken (uint8) arrays.
-inline int64_t fps_shared_bytes(int64_t N) { return (N * 4 + 15) / 16 * 16 + N; }
-
-struct FpsShared {
-  ArgmaxScratch argmax;
-  int64_t sum[kWarp + 1];
-  int64_t warp_total[kWarp];
-};
-
-// dist(i) = min(dist(i), cosine distance to `centre`) for every untaken row (centre < 0: none), and the block's
-// farthest untaken row when `want_argmax` (else the return value is meaningless). Every thread must call it.
-template <typename T>
-__device__ __forceinline__ int64_t sweep(const T* V, int64_t v_rs, const float* inv, int64_t N, int64_t d, int64_t centre,
-                         float* dist, const uint8_t* taken, bool want_argmax, FpsShared& sh) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
-  Candidate best = no_candidate();
-  const T* vc = centre >= 0 ? V + centre * v_rs : nullptr;
-  const float inv_c = centre >= 0 ? inv[centre] : 0.f;
-  for (int64_t i = warp; i < N; i += nwarps) {  // i is warp-uniform: the shuffles inside see the full warp
-    if (taken[i]) continue;
-    float di = dist[i];
-    if (vc) {
-      const float dot = warp_dot(V + i * v_rs, vc, d, lane);
-      di = nan_min(di, 1.0f - dot * inv[i] * inv_c);
-      __syncwarp();  // every lane has read dist[i] before lane 0 overwrites it
-      if (lane == 0) dist[i] = di;
+// Phase 1: the k_p best candidates of `cover` (-inf: not a candidate; null: none) into picks[0, k_p), -1 padded;
+// returns their number. Every thread must call it; it ends with a barrier.
+__device__ int64_t cover_picks(const float* cover, int64_t N, int64_t k_p, float* key, int32_t* index, int64_t* picks,
+                               int* warp_total) {
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, nwarps = blockDim.x / kWarp;
+  int64_t C = 0;
+  if (cover) {
+    for (int64_t i0 = 0; i0 < N; i0 += blockDim.x) {
+      const int64_t i = i0 + tid;
+      const float v = i < N ? cover[i] : -INFINITY;
+      const bool cand = v > -INFINITY;
+      const unsigned ballot = __ballot_sync(kFullMask, cand);
+      if (lane == 0) warp_total[warp] = __popc(ballot);
+      __syncthreads();
+      int64_t before = 0, total = 0;
+      for (int w = 0; w < nwarps; ++w) {
+        before += w < warp ? warp_total[w] : 0;
+        total += warp_total[w];
+      }
+      if (cand) {
+        const int64_t pos = C + before + __popc(ballot & ((1u << lane) - 1u));
+        key[pos] = v;
+        index[pos] = static_cast<int32_t>(i);
+      }
+      C += total;
+      __syncthreads();  // warp_total is rewritten by the next chunk; key/index complete after the last one
     }
-    keep_better(best, isnan(di) ? kNanRank : di, i);
   }
-  if (!want_argmax) return -1;
-  return block_argmax(best, sh.argmax);
+  const int64_t kc = C < k_p ? C : k_p;
+  for (int64_t q = tid; q < C; q += blockDim.x) {
+    const float v = key[q];
+    const int32_t i = index[q];
+    int64_t ahead = 0;  // candidates ranking before this one, counted up to k_p
+    for (int64_t p = 0; p < C && ahead < k_p; ++p) ahead += ranks_before(key[p], index[p], v, i) ? 1 : 0;
+    if (ahead < k_p) picks[ahead] = i;  // ranks are distinct: one writer per slot
+  }
+  for (int64_t r = kc + tid; r < k_p; r += blockDim.x) picks[r] = -1;
+  __syncthreads();  // picks visible to the whole block; key/index free for the next phase
+  return kc;
 }
 
-// out[0..k) = indices i < N with taken[i], ascending (-1 past the last); a ballot and a prefix over warps per chunk.
-__device__ __forceinline__ void write_taken_sorted(const uint8_t* taken, int64_t N, int64_t k, int64_t* out, FpsShared& sh) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+// Phase 4: out[0, k) = the tokens i < N with off[i], ascending (-1 past the last). Thread t reads only the off flags it
+// owns (i = i0 + t with i0 a multiple of blockDim).
+__device__ void write_taken_sorted(const uint8_t* off, int64_t N, int64_t k, int64_t* out, int* warp_total) {
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, nwarps = blockDim.x / kWarp;
   int64_t base = 0;
   for (int64_t i0 = 0; i0 < N; i0 += blockDim.x) {
-    const int64_t i = i0 + threadIdx.x;
-    const bool flag = i < N && taken[i];
+    const int64_t i = i0 + tid;
+    const bool flag = i < N && off[i];
     const unsigned ballot = __ballot_sync(kFullMask, flag);
-    if (lane == 0) sh.warp_total[warp] = __popc(ballot);
+    if (lane == 0) warp_total[warp] = __popc(ballot);
     __syncthreads();
     int64_t before = 0, total = 0;
     for (int w = 0; w < nwarps; ++w) {
-      before += w < warp ? sh.warp_total[w] : 0;
-      total += sh.warp_total[w];
+      before += w < warp ? warp_total[w] : 0;
+      total += warp_total[w];
     }
     const int64_t pos = base + before + __popc(ballot & ((1u << lane) - 1u));
     if (flag && pos < k) out[pos] = i;
     base += total;
     __syncthreads();  // warp_total is rewritten by the next chunk
   }
-  for (int64_t r = base + threadIdx.x; r < k; r += blockDim.x) out[r] = -1;  // unreachable for valid arguments
+  for (int64_t r = base + tid; r < k; r += blockDim.x) out[r] = -1;  // unreachable for valid arguments
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kFpsThreads, 1) fps_kernel(FpsArgs a) {
+template <typename T, bool kGram>
+__global__ void __launch_bounds__(kRowThreadsMax) fps_kernel(const FpsArgs a) {
   extern __shared__ __align__(16) unsigned char fps_smem[];
-  __shared__ FpsShared sh;
+  __shared__ ArgmaxSlots slots;
+  __shared__ int64_t sum_scratch[kWarp + 1];
+  __shared__ int warp_total[kWarp];
+  const int tid = threadIdx.x, nthreads = blockDim.x;
   const int64_t N = a.N, k = a.k;
+
   for (int64_t b = blockIdx.x; b < a.B; b += gridDim.x) {
-    float* dist = a.in_shared ? reinterpret_cast<float*>(fps_smem) : a.g_dist + b * N;
-    uint8_t* taken = a.in_shared ? fps_smem + (N * 4 + 15) / 16 * 16 : a.g_taken + b * N;
+    float* dist = shared_or_global(fps_smem, a.in_shared, a.sh.keys, a.g_keys, b * N);
+    int32_t* index = shared_or_global(fps_smem, a.in_shared, a.sh.index, a.g_index, b * N);
+    float* rowbuf = shared_or_global(fps_smem, a.in_shared, a.sh.row, a.g_row, b * N);
+    uint8_t* off = shared_or_global(fps_smem, a.in_shared, a.sh.off, a.g_off, b * N);
+
+    // ---- 1. prompt-cover picks
+    int64_t count = 0;
+    if (a.count) {
+      count = cover_picks(a.cover ? a.cover + b * N : nullptr, N, a.k_p, dist, index, a.picks + b * a.k_p,
+                          warp_total);
+      if (tid == 0) a.count[b] = count;
+    }
+    if (k == 0) continue;  // block-uniform; cover_picks ended with a barrier
+
+    // ---- 2. seeds
+    const int64_t m = a.seed ? a.m : 0;
+    const int64_t* seed = a.seed ? a.seed + b * m : nullptr;
+    const bool* valid = a.valid ? a.valid + b * N : nullptr;
+    const float* G = kGram ? a.gram + b * a.g_bs : nullptr;
     const T* V = static_cast<const T*>(a.vis) + b * a.v_bs;
-    const float* inv = a.inv + b * N;
+    const float* scale = a.scale ? a.scale + b * N : nullptr;
     const float* norm = a.norm + b * N;
-    const int64_t* seed = a.seed ? a.seed + b * a.m : nullptr;
-    int64_t* order = a.out_order ? a.out_order + b * k : nullptr;
-
-    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
-      dist[i] = INFINITY;
-      taken[i] = 0;
-    }
-    if (order)
-      for (int64_t t = threadIdx.x; t < k; t += blockDim.x) order[t] = -1;
-    __syncthreads();
-    for (int64_t s = threadIdx.x; s < a.m; s += blockDim.x)
-      if (seed[s] >= 0 && seed[s] < N) taken[seed[s]] = 1;  // duplicates write the same 1
-    __syncthreads();
-    int64_t n_taken = 0;
-    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) n_taken += taken[i];
-    n_taken = block_sum(n_taken, sh.sum);
-
-    int64_t want = a.num_picks ? a.num_picks[b] : k - a.cover_count[b];
+    int64_t want = a.num_picks ? a.num_picks[b] : k - count;
     want = want < 0 ? 0 : (want < k ? want : k);
-    const int64_t n = want < N - n_taken ? want : N - n_taken;
+    bool seeded = false;
+    for (int64_t s = 0; s < m; ++s) seeded |= seed[s] >= 0 && seed[s] < N;  // seeds out of range count as -1
 
-    int64_t t = 0, centre = -1;
-    if (n > 0) {
-      for (int64_t s = 0; s < a.m; ++s)  // seed[s] is block-uniform
-        if (seed[s] >= 0 && seed[s] < N) sweep(V, a.v_rs, inv, N, a.d, seed[s], dist, taken, false, sh);
-      if (n_taken == 0) {  // no seed: the largest raw norm first, NaN ranking lowest
-        Candidate best = no_candidate();
-        for (int64_t i = threadIdx.x; i < N; i += blockDim.x) keep_better(best, isnan(norm[i]) ? -1.f : norm[i], i);
-        centre = block_argmax(best, sh.argmax);
-        if (threadIdx.x == 0) {
-          taken[centre] = 1;
-          if (order) order[0] = centre;
+    int64_t n_off = 0;
+    if constexpr (kGram) {
+      for (int64_t i = tid; i < N; i += nthreads) {
+        bool taken = false;
+        float di = INFINITY;
+#pragma unroll 4
+        for (int64_t s = 0; s < m; ++s) {
+          const int64_t c = seed[s];
+          if (c < 0 || c >= N) continue;
+          taken |= c == i;
+          di = nan_min(di, 1.0f - G[c * a.g_rs + i]);
         }
-        t = 1;
-        __syncthreads();  // taken[centre] visible to every warp
+        dist[i] = di;
+        const bool o = taken || (valid && !valid[i]);
+        off[i] = o;
+        n_off += o;
       }
-    }
-    for (; t < n; ++t) {
-      centre = sweep(V, a.v_rs, inv, N, a.d, centre, dist, taken, true, sh);
-      if (threadIdx.x == 0) {
-        taken[centre] = 1;
-        if (order) order[t] = centre;
+    } else {
+      for (int64_t i = tid; i < N; i += nthreads) {
+        dist[i] = INFINITY;
+        off[i] = valid && !valid[i];
       }
-      __syncthreads();
+      for (int64_t s = 0; s < m; ++s) {
+        const int64_t c = seed[s];
+        if (c < 0 || c >= N) continue;  // block-uniform
+        similarity_row(V, a.v_rs, a.d, scale, N, c, rowbuf);
+        __syncthreads();  // the row is complete
+        for (int64_t i = tid; i < N; i += nthreads) {
+          dist[i] = nan_min(dist[i], 1.0f - rowbuf[i]);
+          if (i == c) off[i] = 1;
+        }
+        __syncthreads();  // every owner has read the row before the next one is computed
+      }
+      for (int64_t i = tid; i < N; i += nthreads) n_off += off[i];
     }
-    if (a.out_sorted) write_taken_sorted(taken, N, k, a.out_sorted + b * k, sh);
-    __syncthreads();  // dist / taken are reused by the next sample
+    n_off = block_sum(n_off, sum_scratch);
+    const int64_t n = want < N - n_off ? want : N - n_off;
+    if (a.out_order)
+      for (int64_t t = n + tid; t < k; t += nthreads) a.out_order[b * k + t] = -1;
+
+    // ---- 3. the picks
+    int64_t prev = -1;  // the last centre, whose row is not yet in dist
+    for (int64_t t = 0; t < n; ++t) {
+      const float* row = nullptr;
+      if (prev >= 0) {
+        if constexpr (kGram) {
+          row = G + prev * a.g_rs;
+        } else {
+          similarity_row(V, a.v_rs, a.d, scale, N, prev, rowbuf);
+          __syncthreads();  // the row is complete (the previous argmax barrier ordered the reads of the last one)
+          row = rowbuf;
+        }
+      }
+      const bool by_norm = t == 0 && !seeded;
+      Candidate best = no_candidate();
+      for (int64_t i = tid; i < N; i += nthreads) {
+        if (off[i]) continue;
+        float di = dist[i];
+        if (row) {
+          di = nan_min(di, 1.0f - row[i]);
+          dist[i] = di;
+        }
+        keep_better<false>(best, by_norm ? norm_key(norm[i]) : distance_key(di), static_cast<int>(i));
+      }
+      const int c = block_argmax<false>(best, slots, static_cast<int>(t & 1)).idx;
+      if (c % nthreads == tid) off[c] = 1;  // its owner; n <= untaken valid tokens, so c is a real token
+      if (tid == 0 && a.out_order) a.out_order[b * k + t] = c;
+      prev = c;
+    }
+
+    // ---- 4. select: the sorted union
+    if (a.out_sorted) write_taken_sorted(off, N, k, a.out_sorted + b * k, warp_total);
+    __syncthreads();  // shared arrays and slots are reused by the next sample
   }
+}
+
+template <typename T, bool kGram>
+std::string run_fps(cudaStream_t stream, int device, FpsArgs a, int64_t options, bool with_index, bool with_row,
+                    bool with_off) {
+  a.sh = fps_shared_layout(a.N, with_index, with_row, with_off);
+  a.in_shared = shared_memory_fits(fps_kernel<T, kGram>, a.sh.bytes, device, options);
+  fps_kernel<T, kGram><<<grid_dim(a.B, INT32_MAX), row_threads(a.N), a.in_shared ? a.sh.bytes : 0, stream>>>(a);
+  return check_launch("fps_kernel");
 }
 
 }  // namespace
 
-std::string launch_fps(cudaStream_t stream, int device, int64_t B, int64_t N, int64_t d, const Features& vis,
-                       const int64_t* seed, int64_t m, const int64_t* num_picks, const int64_t* cover_count, int64_t k,
-                       int64_t* out_order, int64_t* out_sorted, void* workspace, const Layout& l, int64_t options) {
-  if (B == 0 || k == 0) return "";
-  FpsArgs a{vis.data, vis.batch_stride, vis.row_stride, B, N, d, k, seed ? m : 0,
-            at<float>(workspace, l.vnorm), at<float>(workspace, l.vinv), seed, num_picks, cover_count,
-            out_order, out_sorted, at<float>(workspace, l.dist), at<uint8_t>(workspace, l.taken), false};
-  std::string err = launch_row_norms(stream, B, N, d, vis, const_cast<float*>(a.norm), const_cast<float*>(a.inv));
-  if (!err.empty()) return err;
-  return dispatch_dtype(vis.dtype, [&](auto tag) {
+std::string launch_fps(cudaStream_t stream, int device, const FpsJob& j, int64_t options) {
+  if (j.B == 0 || (j.k == 0 && !j.count)) return "";
+  FpsArgs a{j.B, j.N, j.d, j.k, j.gram, j.g_bs, j.g_rs, j.vis.data, j.vis.batch_stride, j.vis.row_stride,
+            j.norm, j.scale, j.seed, j.m, j.valid, j.num_picks, j.cover, j.k_p, j.picks, j.count,
+            j.out_order, j.out_sorted, false, FpsShared{}, j.g_keys, j.g_index, j.g_row, j.g_off};
+  const bool with_index = j.count != nullptr, with_off = j.k > 0;
+  if (j.gram || j.k == 0) return run_fps<float, true>(stream, device, a, options, with_index, false, with_off);
+  return dispatch_dtype(j.vis.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int64_t bytes = fps_shared_bytes(N);
-    a.in_shared = shared_memory_fits(fps_kernel<T>, bytes, device, options);
-    fps_kernel<T><<<grid_dim(B, INT32_MAX), kFpsThreads, a.in_shared ? bytes : 0, stream>>>(a);
-    return check_launch("fps_kernel");
+    return run_fps<T, false>(stream, device, a, options, with_index, true, with_off);
   });
 }
 
 }  // namespace mob::gpu
 
-namespace mob {
-namespace {
-std::string check_sizes(int64_t B, int64_t N, int64_t L, int64_t d, int64_t k) {
-  if (B < 0 || N < 0 || L < 0 || d < 0) return "sizes must be >= 0";
-  if (k < 0 || k > N) return "k must be in [0, N], got k=" + std::to_string(k) + " with N=" + std::to_string(N);
+std::string mob::farthest_point_sample_cuda(int device, void* stream, int64_t B, int64_t N, int64_t d, Features vis,
+                                            const int64_t* seed, int64_t m, const int64_t* num_picks, int64_t k,
+                                            const bool* valid, const float* sim, int64_t sim_bs, int64_t sim_rs,
+                                            int64_t* out, void* workspace, int64_t workspace_bytes,
+                                            int64_t options) {
+  const bool has_sim = sim != nullptr;
+  const gpu::Layout l =
+      gpu::workspace_layout(static_cast<int>(CudaOp::kFarthestPointSample), B, N, 0, 0, k, has_sim, options);
+  const std::string err = gpu::first_error({
+      gpu::check_cuda_sizes(Sizes{B, N, 0, d, 0, k}, options),
+      m < 0 ? "m (seeds per sample) must be >= 0, got m=" + std::to_string(m) : "",
+      check_pointer("vis", vis.data, gpu::elements(B, N, d)),
+      check_pointer("seed", seed, gpu::elements(B, m)),
+      check_pointer("num_picks", num_picks, B),
+      check_pointer("out", out, gpu::elements(B, k)),
+      has_sim && (sim_rs < N || sim_bs < 0) ? "sim strides must describe [B, N, N] rows, got batch stride " +
+                                                  std::to_string(sim_bs) + ", row stride " + std::to_string(sim_rs)
+                                            : "",
+      gpu::check_workspace(l, workspace, workspace_bytes),
+  });
+  if (!err.empty()) return err;
+  if (B == 0 || k == 0 || N == 0) return "";
+  if (const std::string e = gpu::use_device(device); !e.empty()) return e;
+  const auto s = static_cast<cudaStream_t>(stream);
+  for (int64_t b0 = 0; b0 < B; b0 += l.chunk) {
+    const int64_t nb = B - b0 < l.chunk ? B - b0 : l.chunk;
+    gpu::FpsJob f;
+    f.B = nb;
+    f.N = N;
+    f.d = d;
+    f.k = k;
+    f.vis = gpu::offset_features(vis, b0);
+    f.norm = gpu::at<float>(workspace, l.norm);
+    std::string e;
+    if (l.gram) {  // the Gram matrix (and the norms) in one tensor-core launch
+      gpu::GramJob g;
+      g.B = nb;
+      g.N = N;
+      g.d = d;
+      g.vis = f.vis;
+      g.gram = gpu::at<float>(workspace, l.gram_at);
+      g.g_bs = N * N;
+      g.g_rs = N;
+      g.norm = gpu::at<float>(workspace, l.norm);
+      e = gpu::launch_gram(s, g);
+      f.gram = g.gram;
+      f.g_bs = g.g_bs;
+      f.g_rs = g.g_rs;
+    } else {  // the caller's Gram matrix, or rows on demand: the norms alone
+      f.scale = gpu::at<float>(workspace, l.scale);
+      e = gpu::launch_row_norms(s, nb, N, d, f.vis, gpu::at<float>(workspace, l.norm), gpu::at<float>(workspace, l.scale));
+      if (has_sim) {
+        f.gram = sim + b0 * sim_bs;
+        f.g_bs = sim_bs;
+        f.g_rs = sim_rs;
+      }
+    }
+    if (!e.empty()) return e;
+    f.seed = m ? seed + b0 * m : nullptr;
+    f.m = m;
+    f.valid = valid ? valid + b0 * N : nullptr;
+    f.num_picks = num_picks + b0;
+    f.out_order = out + b0 * k;
+    f.g_keys = gpu::at<float>(workspace, l.keys);
+    f.g_off = gpu::at<uint8_t>(workspace, l.off);
+    f.g_row = gpu::at<float>(workspace, l.row);
+    if (!(e = gpu::launch_fps(s, device, f, options)).empty()) return e;
+  }
   return "";
 }
-std::string check_workspace(const gpu::Layout& l, int64_t bytes) {
-  if (l.total >= 0 && bytes >= l.total) return "";
-  return "workspace too small: need " + std::to_string(l.total) + " bytes, got " + std::to_string(bytes);
-}
-}  // namespace
-
-int64_t cuda_workspace_bytes(int op, int64_t B, int64_t N, int64_t L, int64_t k_p) {
-  if (op < 0 || op > 2 || B < 0 || N < 0 || L < 0 || k_p < 0) return -1;
-  return gpu::workspace_layout(op, B, N, L, k_p).total;
-}
-
-int cuda_runtime_version() { return CUDART_VERSION; }
-
-std::string farthest_point_sample_cuda(int device, void* stream, int64_t B, int64_t N, int64_t d, Features vis,
-                                       const int64_t* seed, int64_t m, const int64_t* num_picks, int64_t k,
-                                       int64_t* out, void* workspace, int64_t workspace_bytes, int64_t options) {
-  std::string err = check_sizes(B, N, 0, d, k);
-  if (err.empty() && m < 0) err = "m must be >= 0";
-  if (err.empty() && !num_picks) err = "num_picks must not be null";
-  const gpu::Layout l = gpu::workspace_layout(1, B, N, 0, 0);
-  if (err.empty()) err = check_workspace(l, workspace_bytes);
-  if (err.empty()) err = gpu::use_device(device);
-  if (!err.empty()) return err;
-  return gpu::launch_fps(static_cast<cudaStream_t>(stream), device, B, N, d, vis, m ? seed : nullptr, m, num_picks,
-                         nullptr, k, out, nullptr, workspace, l, options);
-}
-
-std::string select_cuda(int device, void* stream, int64_t B, int64_t N, int64_t L, int64_t d, Features vis,
-                        Features prompt, const bool* mask, int64_t k_p, int64_t k, const int64_t* fold, int64_t* out,
-                        void* workspace, int64_t workspace_bytes, int64_t options) {
-  std::string err = check_sizes(B, N, L, d, k);
-  if (err.empty() && (k_p < 0 || k_p > k)) err = "k_p must be in [0, k], got k_p=" + std::to_string(k_p);
-  if (err.empty() && !fold && B > 0) err = "fold must not be null";
-  const gpu::Layout l = gpu::workspace_layout(2, B, N, L, k_p);
-  if (err.empty()) err = check_workspace(l, workspace_bytes);
-  if (err.empty()) err = gpu::use_device(device);
-  if (!err.empty() || B == 0 || k == 0) return err;
-  const auto s = static_cast<cudaStream_t>(stream);
-  int64_t* picks = gpu::at<int64_t>(workspace, l.picks);
-  int64_t* count = gpu::at<int64_t>(workspace, l.count);
-  err = gpu::launch_prompt_cover(s, device, B, N, L, d, vis, prompt, mask, k_p, fold, picks, count, workspace, l,
-                                 options);
-  if (!err.empty()) return err;
-  // FPS seeded by the cover for k - count picks; the taken set (cover ∪ FPS) comes out sorted.
-  return gpu::launch_fps(s, device, B, N, d, vis, k_p ? picks : nullptr, k_p, nullptr, count, k, nullptr, out,
-                         workspace, l, options);
-}
-
-}  // namespace mob

@@ -1,9 +1,18 @@
 """CUDA C++ backend: hands checked CUDA tensors to ``mob_kernels._C`` (csrc/cuda) as raw pointers and strides.
 
-The extension does not link libtorch. This module allocates the outputs and one scratch workspace with torch on the
-tensors' device (so torch's caching allocator serves them, stream-ordered on the current stream) and passes
+Every primitive of the backend protocol runs natively, plus a fused ``select``:
+
+* ``gram``: the tensor-core Gram kernel (bf16/fp16 products exact with float32 accumulation, float32 by a 3xTF32
+  split), written straight into the output;
+* ``prompt_cover``, ``select``: the same kernel's prompt tiles, a membership launch and one block per sample for the
+  picks (and, in select, FPS over the Gram rows and the sorted union): three launches;
+* ``farthest_point_sample`` (``valid`` and a caller's ``sim`` included) and ``dpp_greedy``: Gram kernel, then one block
+  per sample reading Gram rows.
+
+The extension does not link libtorch. This module allocates the outputs and one scratch workspace per call with torch
+on the tensors' device (torch's caching allocator serves it, stream-ordered on the current stream) and passes
 ``data_ptr()``s, sizes, element strides, a dtype tag, the device index and ``torch.cuda.current_stream()``. The
-kernels are enqueued on that stream; nothing here waits for them.
+kernels are enqueued on that stream; nothing here waits for them, so every call can be captured in a CUDA graph.
 
 Available when the extension was built with nvcc (``_C.WITH_CUDA``); otherwise every call raises
 ``BackendUnavailableError`` with "built without CUDA".
@@ -15,7 +24,6 @@ import torch
 from torch import Tensor
 
 from ..errors import BackendUnavailableError
-from .reference import ReferenceBackend
 
 try:
     from .. import _C
@@ -24,11 +32,13 @@ except ImportError as e:  # built without the extension at all
     _IMPORT_ERROR = str(e)
 
 _DTYPE_TAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_OP_PROMPT_COVER, _OP_FPS, _OP_SELECT = 0, 1, 2
 
 # Keep per-sample arrays in global memory even where shared memory would fit (tests use it to run the fallback path
 # for N too large for one block's shared memory on small inputs).
 FORCE_GLOBAL_WORKSPACE = False
+# Compute similarity rows from the features when needed instead of keeping a Gram matrix (the path for N beyond the
+# Gram budget, 16,384 tokens per sample; tests use it on small inputs).
+ROWS_ON_DEMAND = False
 
 
 def _unavailable_reason() -> str | None:
@@ -49,6 +59,8 @@ def _require(*tensors: Tensor) -> tuple[int, int]:
         raise BackendUnavailableError(f"backend='cuda' is unavailable: {reason}")
     device = tensors[0].device
     for t in tensors:
+        if t is None:
+            continue
         if t.device.type != "cuda":
             raise ValueError(f"the cuda backend needs CUDA tensors, got a tensor on {t.device}")
         if t.device != device:
@@ -61,18 +73,22 @@ def _features(x: Tensor) -> tuple[int, int, int]:
     return x.data_ptr(), x.stride(0), x.stride(1)
 
 
-def _workspace(op: int, B: int, N: int, L: int, k_p: int, device: torch.device) -> Tensor:
-    nbytes = _C.cuda_workspace_bytes(op, B, N, L, k_p)
+def _options() -> int:
+    return (_C.CUDA_FORCE_GLOBAL_WORKSPACE if FORCE_GLOBAL_WORKSPACE else 0) | (
+        _C.CUDA_ROWS_ON_DEMAND if ROWS_ON_DEMAND else 0
+    )
+
+
+def _workspace(op: str, device: torch.device, B: int, N: int, L: int = 0, k_p: int = 0, k: int = 0,
+               has_sim: bool = False) -> Tensor:
+    """The call's one scratch allocation (at least one byte, so data_ptr() is never null)."""
+    nbytes = _C.cuda_workspace_bytes(getattr(_C.CudaOp, op), B, N, L, k_p, k, has_sim, _options())
     if nbytes < 0:
-        raise ValueError(f"workspace size overflows for B={B}, N={N}, L={L}, k_p={k_p}")
+        raise ValueError(f"workspace size overflows int64 for B={B}, N={N}, L={L}, k_p={k_p}, k={k}")
     return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
 
 
-def _options() -> int:
-    return _C.CUDA_FORCE_GLOBAL_WORKSPACE if FORCE_GLOBAL_WORKSPACE else 0
-
-
-class CudaBackend:
+class CudaBackend(ReferenceBackend):  # primitives without a native kernel run the reference's
     name = "cuda"
 
     @property
@@ -82,20 +98,20 @@ class CudaBackend:
 
     @staticmethod
     def gram(vis: Tensor) -> Tensor:
-        return ReferenceBackend.gram(vis)  # no native kernel yet
-
-    @staticmethod
-    def dpp_greedy(vis: Tensor, relevance: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return ReferenceBackend.dpp_greedy(vis, relevance, valid, k)  # no native kernel yet
+        device, stream = _require(vis)
+        B, N, d = vis.shape
+        out = torch.empty(B, N, N, dtype=torch.float32, device=vis.device)
+        _C.gram_cuda(device, stream, B, N, d, _DTYPE_TAG[vis.dtype], *_features(vis), out.data_ptr(), _options())
+        return out
 
     @staticmethod
     def prompt_cover(vis: Tensor, prompt: Tensor, mask: Tensor, k_p: int, fold: Tensor) -> tuple[Tensor, Tensor]:
-        device, stream = _require(vis, prompt, mask)
+        device, stream = _require(vis, prompt, mask, fold)
         B, N, d = vis.shape
         L = prompt.shape[1]
         picks = torch.empty(B, k_p, dtype=torch.int64, device=vis.device)
         count = torch.empty(B, dtype=torch.int64, device=vis.device)
-        ws = _workspace(_OP_PROMPT_COVER, B, N, L, k_p, vis.device)
+        ws = _workspace("prompt_cover", vis.device, B, N, L, k_p)
         _C.prompt_cover_cuda(
             device, stream, B, N, L, d, _DTYPE_TAG[vis.dtype], *_features(vis), *_features(prompt), mask.data_ptr(),
             k_p, fold.data_ptr(), picks.data_ptr(), count.data_ptr(), ws.data_ptr(), ws.numel(), _options(),
@@ -106,25 +122,43 @@ class CudaBackend:
     def farthest_point_sample(
         vis: Tensor, seed: Tensor, num_picks: Tensor, k: int, valid: Tensor | None = None, sim: Tensor | None = None
     ) -> Tensor:
-        if valid is not None:  # no native kernel for the valid mask yet
-            return ReferenceBackend.farthest_point_sample(vis, seed, num_picks, k, valid, sim)
-        device, stream = _require(vis, seed, num_picks)
+        device, stream = _require(vis, seed, num_picks, valid, sim)
         B, N, d = vis.shape
+        if sim is not None and (sim.dtype != torch.float32 or (N > 1 and sim.stride(2) != 1)):
+            sim = sim.float().contiguous()
         out = torch.empty(B, k, dtype=torch.int64, device=vis.device)
-        ws = _workspace(_OP_FPS, B, N, 0, 0, vis.device)
+        ws = _workspace("farthest_point_sample", vis.device, B, N, k=k, has_sim=sim is not None)
         _C.farthest_point_sample_cuda(
             device, stream, B, N, d, _DTYPE_TAG[vis.dtype], *_features(vis), seed.data_ptr(), seed.shape[1],
-            num_picks.data_ptr(), k, out.data_ptr(), ws.data_ptr(), ws.numel(), _options(),
+            num_picks.data_ptr(), k, 0 if valid is None else valid.data_ptr(),
+            0 if sim is None else sim.data_ptr(), 0 if sim is None else sim.stride(0),
+            0 if sim is None else (sim.stride(1) if N > 1 else N), out.data_ptr(), ws.data_ptr(), ws.numel(),
+            _options(),
         )
         return out
 
     @staticmethod
+    def dpp_greedy(vis: Tensor, relevance: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        device, stream = _require(vis, relevance, valid)
+        B, N, d = vis.shape
+        relevance = relevance.float().contiguous()
+        valid = valid.contiguous()
+        order = torch.empty(B, k, dtype=torch.int64, device=vis.device)
+        gain = torch.empty(B, k, dtype=torch.float32, device=vis.device)
+        ws = _workspace("dpp_greedy", vis.device, B, N, k=k)
+        _C.dpp_greedy_cuda(
+            device, stream, B, N, d, _DTYPE_TAG[vis.dtype], *_features(vis), relevance.data_ptr(), valid.data_ptr(),
+            k, order.data_ptr(), gain.data_ptr(), ws.data_ptr(), ws.numel(), _options(),
+        )
+        return order, gain
+
+    @staticmethod
     def select(vis: Tensor, prompt: Tensor, mask: Tensor, k_p: int, k: int, fold: Tensor) -> Tensor:
-        device, stream = _require(vis, prompt, mask)
+        device, stream = _require(vis, prompt, mask, fold)
         B, N, d = vis.shape
         L = prompt.shape[1]
         out = torch.empty(B, k, dtype=torch.int64, device=vis.device)
-        ws = _workspace(_OP_SELECT, B, N, L, k_p, vis.device)
+        ws = _workspace("select", vis.device, B, N, L, k_p, k)
         _C.select_cuda(
             device, stream, B, N, L, d, _DTYPE_TAG[vis.dtype], *_features(vis), *_features(prompt), mask.data_ptr(),
             k_p, k, fold.data_ptr(), out.data_ptr(), ws.data_ptr(), ws.numel(), _options(),
