@@ -7,7 +7,8 @@ Every primitive of the backend protocol runs natively, plus a fused ``select``:
 * ``prompt_cover``, ``select``: the same kernel's prompt tiles, a membership launch and one block per sample for the
   picks (and, in select, FPS over the Gram rows and the sorted union): three launches;
 * ``farthest_point_sample`` (``valid`` and a caller's ``sim`` included) and ``dpp_greedy``: Gram kernel, then one block
-  per sample reading Gram rows.
+  per sample reading Gram rows;
+* ``independent_set``: no native kernel yet, delegates to the reference (plain torch, host-sync free).
 
 The extension does not link libtorch. This module allocates the outputs and one scratch workspace per call with torch
 on the tensors' device (torch's caching allocator serves it, stream-ordered on the current stream) and passes
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BackendUnavailableError
+from .reference import ReferenceBackend
 
 try:
     from .. import _C
@@ -151,6 +153,13 @@ class CudaBackend(ReferenceBackend):  # primitives without a native kernel run t
             k, order.data_ptr(), gain.data_ptr(), ws.data_ptr(), ws.numel(), _options(),
         )
         return order, gain
+
+    @staticmethod
+    def independent_set(
+        vis: Tensor, rank: Tensor, num_picks: Tensor, k: int, near: float, far: float, grid: Tensor | None, radius: int
+    ) -> Tensor:
+        _require(vis, rank, num_picks, grid)
+        return ReferenceBackend.independent_set(vis, rank, num_picks, k, near, far, grid, radius)
 
     @staticmethod
     def select(vis: Tensor, prompt: Tensor, mask: Tensor, k_p: int, k: int, fold: Tensor) -> Tensor:
