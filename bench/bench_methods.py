@@ -1,0 +1,52 @@
+"""DivPrune and CDPruner, whole method, for every backend and for the released algorithm's own eager loop (the peer),
+at the LLaVA-1.5 (N=576, d=4096, k=64) and LLaVA-NeXT (N=2880, k=320) shapes, float32 and bfloat16 (`make bench`).
+
+The keys are (method, preset, N, d, k, dtype, implementation); pytest-benchmark groups by everything but the
+implementation, so the reference, each fast backend and the released loop sit next to each other in its table, and
+the closing summary (conftest.py) gives each one's ratio to the reference and the target: at least 5x on the CPU at
+LLaVA-1.5 in float32 and bfloat16.
+"""
+
+import functools
+
+import pytest
+
+import mob_kernels
+from conftest import BACKENDS, DEVICE, case_id, cases, inputs, run_benchmark
+from mob_kernels.bench import peers
+from mob_kernels.bench.presets import make_relevance
+
+METHODS = ("divprune", "cdpruner")
+CASES = [c for m in METHODS for c in cases("llava15", methods=(m,)) + cases("llava_next", methods=(m,))]
+IMPLS = list(BACKENDS) + ["released"]
+
+
+@functools.lru_cache(maxsize=4)
+def relevance(case, dtype):
+    vis, prompt = inputs(case, dtype)
+    return make_relevance(vis, prompt)
+
+
+def method_call(case, dtype, impl):
+    vis, _ = inputs(case, dtype)
+    k = case.k
+    if case.method == "divprune":
+        if impl == "released":
+            return lambda: peers.divprune_released(vis, k)
+        return lambda: mob_kernels.divprune(vis, k, backend=impl)
+    r = relevance(case, dtype)
+    if impl == "released":
+        return lambda: peers.cdpruner_released(vis, r, k)
+    return lambda: mob_kernels.cdpruner(vis, r, k, backend=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.method}-{case_id(c)}")
+def bench_method(benchmark, case, dtype, impl):
+    key = (case.method, case.preset, case.N, case.d, case.k, dtype, impl)
+    out = run_benchmark(benchmark, key, method_call(case, dtype, impl))
+    # A benchmark of a wrong answer is worthless: every backend, and the released loop, must pick the reference's
+    # tokens (the released DivPrune returns them in selection order).
+    want = method_call(case, dtype, "reference")()
+    assert out.sort(dim=1).values.equal(want), f"{impl} on {DEVICE} differs from the reference"
