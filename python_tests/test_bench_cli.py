@@ -605,3 +605,29 @@ def test_prefill_option_reports_a_missing_module_and_embeds_a_present_ones_rows(
     assert r["rows"] == [{"quick": True, "speedup": 2.5}] and r["json"] == str(tmp_path / "run_prefill.json")
     # The command recorded for the report names the module, not this machine's interpreter path.
     assert r["command"][:3] == ["python", "-m", "fake_prefill"]
+
+
+def test_prefill_report_text_comes_from_the_run(monkeypatch, tmp_path):
+    # The prefill report's prose, targets line, ceiling and reproduce line are generated from the rows and the argv
+    # of the run (measure() is replaced: building models is the integrations' business, not the report's).
+    from mob_kernels.integrations import prefill_bench as pb
+
+    def fake_measure(hidden, layers, *, dtype, repeats, backend, budget=64, layer=2):
+        tokens, image, after = 700, 576, 700 - 576 + budget
+        return {"hidden": hidden, "layers": layers, "dtype": str(dtype).replace("torch.", ""), "budget": budget,
+                "layer": layer, "backend": backend, "tokens": tokens, "image_tokens": image,
+                "tokens_after_pruning": after, "repeats": repeats, "unpruned_ms": 100.0, "pruned_ms": 25.0 * layers / 8,
+                "speedup": 4.0 * 8 / layers, "selection_ms": 0.5, "selection_share": 0.02 * layers / 8,
+                "unpruned_cpu_ms": 200.0, "pruned_cpu_ms": 50.0, "cpu_speedup": 4.0, "threads": 1}
+
+    monkeypatch.setattr(pb, "measure", fake_measure)
+    argv = ["--configs", "512x8,512x16", "--dtypes", "float32", "--repeats", "2", "--out", str(tmp_path / "p")]
+    rows = pb.main(argv)
+    md = (tmp_path / "p.md").read_text()
+    assert f"Reproduce: `python -m mob_kernels.integrations.prefill_bench {' '.join(argv)}`" in md
+    assert "576 image tokens + 124 text tokens (700 in all)" in md and "layers >= 2 see 188 tokens" in md
+    assert "medians of 2 runs each" in md and "met by 1 of 2 rows" in md
+    want = [1 / (2 / n + (n - 2) / n * 188 / 700) for n in (8, 16)]
+    assert f"{want[0]:.2f}x at n = 8 layers, {want[1]:.2f}x at n = 16 layers" in md
+    assert "issue" not in md.lower() and str(tmp_path) not in md.split("Reproduce:")[0]
+    assert json.loads((tmp_path / "p.json").read_text())["command"].endswith(" ".join(argv)) and len(rows) == 2

@@ -19,7 +19,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -120,18 +122,46 @@ CONFIGS = [(1024, 8), (1024, 16), (2048, 8)]
 QUICK = [(1024, 8)]
 
 
-def to_markdown(rows: list[dict], where: str) -> str:
+TARGETS = {"speedup": 3.0, "selection_share": 0.02}  # the project's prefill targets
+
+
+def _speedup_bound(layers: int, layer: int, tokens: int, after: int) -> float:
+    """Upper bound on the prefill speed-up when every layer costs time linear in its tokens: the first ``layer``
+    layers run on all ``tokens``, the other ``layers - layer`` on ``after``."""
+    return 1.0 / (layer / layers + (layers - layer) / layers * after / tokens)
+
+
+def _values(rows: list[dict], key: str) -> str:
+    vals = list(dict.fromkeys(r[key] for r in rows))
+    return " / ".join(str(v) for v in vals)
+
+
+def to_markdown(rows: list[dict], where: str, command: str = "python -m mob_kernels.integrations.prefill_bench") -> str:
+    """The report of one run, every number in its text taken from ``rows``; ``command`` is the run's own command
+    line, given as the way to reproduce it."""
+    if not rows:
+        return f"# Prefill with MoB pruning (CPU)\n\nMachine: {where}.\n\nNo configuration was measured.\n\n" \
+               f"Reproduce: `{command}`\n"
+    r0 = rows[0]
+    text = r0["tokens"] - r0["image_tokens"]
+    pruned = "; ".join(
+        f"`apply_mob(model, budget={b}, layer={lay}, mode=\"layer\")` (layers >= {lay} see {after} tokens)"
+        for b, lay, after in dict.fromkeys((r["budget"], r["layer"], r["tokens_after_pruning"]) for r in rows))
+    met = [r for r in rows if r["speedup"] >= TARGETS["speedup"] and r["selection_share"] <= TARGETS["selection_share"]]
     lines = [
         "# Prefill with MoB pruning (CPU)",
         "",
         f"Machine: {where}.",
         "",
-        "LLaVA-1.5-shaped `LlavaForConditionalGeneration`, random weights: 576 image tokens + 60 text tokens "
-        "(636 in all), tiny vision tower; one prefill forward with `logits_to_keep=1`. Pruned: "
-        "`apply_mob(model, budget=64, layer=2, mode=\"layer\")` (layers >= 2 see 124 tokens). Unpruned and pruned "
-        "runs alternate in one process; medians. Selection = time inside the hook choosing tokens, as a share of the "
-        "pruned prefill. CPU-time speed-up: the same ratio on the process's CPU time, less sensitive to other jobs "
-        "sharing the machine. Targets (issue 5): speed-up >= 3x, selection <= 2%.",
+        f"LLaVA-1.5-shaped `LlavaForConditionalGeneration`, random weights: {r0['image_tokens']} image tokens + {text} "
+        f"text tokens ({r0['tokens']} in all), tiny vision tower; one prefill forward with `logits_to_keep=1`. "
+        f"Pruned: {pruned}; backend {_values(rows, 'backend')}. Unpruned and pruned runs alternate in one process; "
+        f"medians of {_values(rows, 'repeats')} runs each. Selection = time inside the hook choosing tokens, as a share "
+        "of the pruned prefill. CPU-time speed-up: the same ratio on the process's CPU time, less sensitive to other "
+        "jobs sharing the machine.",
+        "",
+        f"Targets: speed-up >= {TARGETS['speedup']:g}x with a selection share <= {100 * TARGETS['selection_share']:g}%; "
+        f"met by {len(met)} of {len(rows)} rows.",
         "",
         "| hidden | layers | dtype | threads | unpruned (ms) | pruned (ms) | speed-up | selection (ms) "
         "| selection share | CPU-time speed-up |",
@@ -143,13 +173,20 @@ def to_markdown(rows: list[dict], where: str) -> str:
             f"{r['pruned_ms']:.1f} | {r['speedup']:.2f}x | {r['selection_ms']:.2f} | "
             f"{100 * r['selection_share']:.2f}% | {r['cpu_speedup']:.2f}x |"
         )
+    bounds = {}
+    for r in rows:
+        key = (r["layers"], r["layer"], r["tokens"], r["tokens_after_pruning"])
+        bounds[key] = _speedup_bound(*key)
+    lines += [""]
+    for (layer, tokens, after) in dict.fromkeys((k[1], k[2], k[3]) for k in bounds):
+        at = ", ".join(f"{b:.2f}x at n = {n} layers" for (n, lay, t, a), b in sorted(bounds.items())
+                       if (lay, t, a) == (layer, tokens, after))
+        lines.append(
+            f"Ceiling: with l = {layer} the first {layer} layers always run on all {tokens} tokens, so linear-cost "
+            f"layers bound the speed-up by 1 / (l/n + (n-l)/n * {after}/{tokens}): {at}.")
     lines += [
         "",
-        "Why 8 layers stay under 3x: with l = 2 the first two layers always run on all 636 tokens, so linear-cost "
-        "layers bound the speed-up by 1 / (2/n + (n-2)/n * 124/636): 2.5x at n = 8 layers, 3.4x at n = 16.",
-        "",
-        "Reproduce: `python -m mob_kernels.integrations.prefill_bench` (writes this file and `prefill_cpu.json`); "
-        "this table: `--threads 1 --repeats 3 --configs 1024x16,2048x8,1024x8`.",
+        f"Reproduce: `{command}` (writes this file and its `.json`).",
         "",
     ]
     return "\n".join(lines)
@@ -164,7 +201,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="bench/results/prefill_cpu", help="path without suffix for the .md and .json")
     ap.add_argument("--configs", default="", help="hidden x layers list, e.g. 1024x16,2048x8 (default: all)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    command = " ".join(["python -m mob_kernels.integrations.prefill_bench", *(shlex.quote(a) for a in argv)])
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = ["float32"] if args.quick else args.dtypes.split(",")
@@ -186,8 +225,9 @@ def main(argv=None) -> list[dict]:
         pass
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(to_markdown(rows, where))
-    out.with_suffix(".json").write_text(json.dumps({"machine": where, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(rows, where, command))
+    out.with_suffix(".json").write_text(json.dumps({"machine": where, "command": command, "rows": rows}, indent=2)
+                                        + "\n")
     return rows
 
 
