@@ -398,7 +398,12 @@ def build_figure(rows: list[dict], title: str):
                 ax.bar(xs, med, width=width, color=colour, alpha=1.0 if dt == "float32" else 0.55,
                        hatch=None if dt == "float32" else "//", edgecolor=colour, yerr=err, capsize=2,
                        label=f"{col} {dt}")
-            ax.set_xticks(range(len(cases)), [_bar_label(c, p["method"]) for c in cases], fontsize=7)
+            labels = [_bar_label(c, p["method"]) for c in cases]
+            if len(cases) > 3:  # many cases: one-line labels, slanted so that they do not overlap
+                ax.set_xticks(range(len(cases)), [s.replace("\n", " ") for s in labels], fontsize=7, rotation=30,
+                              ha="right")
+            else:
+                ax.set_xticks(range(len(cases)), labels, fontsize=7)
             ax.set_xlim(-0.6, len(cases) - 0.4)
             ax.set_xlabel("case")
             more = f" (first {len(cases)} of {p['n_cases']})" if p["n_cases"] > len(cases) else ""
