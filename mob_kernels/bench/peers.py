@@ -80,7 +80,8 @@ def _unit_rows_np(x: Tensor) -> np.ndarray:
 
 
 def faiss_cover(vis: Tensor, prompt: Tensor, k_p: int, fold: int) -> list[list[int]]:
-    """The prompt cover per sample with faiss doing the k-NN: picks by descending covering score (ties to lower index)."""
+    """The prompt cover per sample with faiss doing the k-NN: picks by descending covering score (ties to the lower
+    index)."""
     import faiss
 
     out = []

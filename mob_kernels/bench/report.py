@@ -218,8 +218,8 @@ def mismatch_lines(rows: list[dict]) -> list[str]:
              f"{100 * r['overlap']:.1f}% of the reference's indices shared")
         m = r.get("margin")
         if m is not None:
-            verdict = ("a near-tie (below ~1e-5 relative): float32 rounding may break it either way, which the contract "
-                       "allows" if m < NEAR_TIE else "not a near-tie: a real difference to investigate")
+            verdict = ("a near-tie (below ~1e-5 relative): float32 rounding may break it either way, which the "
+                       "contract allows" if m < NEAR_TIE else "not a near-tie: a real difference to investigate")
             s += f"; the reference's closest decision on this input has a relative margin of {m:.2g}, {verdict}"
         lines.append(s)
     return lines

@@ -156,12 +156,12 @@ def to_markdown(rows: list[dict], where: str, command: str = "python -m mob_kern
         f"LLaVA-1.5-shaped `LlavaForConditionalGeneration`, random weights: {r0['image_tokens']} image tokens + {text} "
         f"text tokens ({r0['tokens']} in all), tiny vision tower; one prefill forward with `logits_to_keep=1`. "
         f"Pruned: {pruned}; backend {_values(rows, 'backend')}. Unpruned and pruned runs alternate in one process; "
-        f"medians of {_values(rows, 'repeats')} runs each. Selection = time inside the hook choosing tokens, as a share "
-        "of the pruned prefill. CPU-time speed-up: the same ratio on the process's CPU time, less sensitive to other "
-        "jobs sharing the machine.",
+        f"medians of {_values(rows, 'repeats')} runs each. Selection = time inside the hook choosing tokens, as a "
+        "share of the pruned prefill. CPU-time speed-up: the same ratio on the process's CPU time, less sensitive to "
+        "other jobs sharing the machine.",
         "",
-        f"Targets: speed-up >= {TARGETS['speedup']:g}x with a selection share <= {100 * TARGETS['selection_share']:g}%; "
-        f"met by {len(met)} of {len(rows)} rows.",
+        f"Targets: speed-up >= {TARGETS['speedup']:g}x with a selection share <= "
+        f"{100 * TARGETS['selection_share']:g}%; met by {len(met)} of {len(rows)} rows.",
         "",
         "| hidden | layers | dtype | threads | unpruned (ms) | pruned (ms) | speed-up | selection (ms) "
         "| selection share | CPU-time speed-up |",
