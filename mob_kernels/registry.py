@@ -159,7 +159,9 @@ def run(spec: OpSpec, call: Prepared) -> Any:
     backend = get_backend(call.backend)
     fused = getattr(backend, spec.name, None)
     out = fused(**call.inputs) if fused is not None else spec.compose(backend, **call.inputs)
-    return _unbatch(out) if call.unbatched else out
+    out = _unbatch(out) if call.unbatched else out
+    # Outputs are fresh contiguous tensors, as the fake implementations promise (a slice would alias a workspace).
+    return tuple(o.contiguous() for o in out) if isinstance(out, tuple) else out.contiguous()
 
 
 def register(spec: OpSpec) -> OpSpec:

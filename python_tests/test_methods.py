@@ -141,10 +141,12 @@ def _adversarial(name, B=2, N=16, d=8):
 @pytest.mark.parametrize("name", ADVERSARIAL)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_valid_selection_on_any_input(kind, target, name, dtype):
+    if _small(target) and dtype != torch.float32:
+        pytest.skip("interpreted Triton: float32 only (each call runs its programs one by one in Python)")
     vis, rel, valid = _adversarial(name)
     vis = vis.to(dtype)
     before = vis.clone()
-    for k in (0, 1, 5, 16):
+    for k in ((1, 16) if _small(target) else (0, 1, 5, 16)):
         out = _run(kind, vis, rel, k, valid, *target)
         assert_valid(out, 2, 16, k)
         if valid is not None and k >= 1:  # the one usable token of sample 1 is always kept
@@ -282,7 +284,7 @@ def test_cdpruner_relevance_errors():
 
 
 def test_registry_lists_methods_and_budget_rules():
-    assert mob_kernels.methods() == ["select", "divprune", "cdpruner"]
+    assert mob_kernels.methods() == ["select", "divprune", "cdpruner", "d2pruner", "btp_stage"]
     assert mob_kernels.budget_arguments("select", 64) == {"k": 64, "k_p": 32}
     assert mob_kernels.budget_arguments("select", 128) == {"k": 128, "k_p": 48}
     assert mob_kernels.budget_arguments("select", 192) == {"k": 192, "k_p": 64}

@@ -40,9 +40,11 @@ assert "build/asan" in C.__file__, C.__file__
 print("sanitized extension:", C.__file__)
 PY
 
-# The CPU tests: everything that runs the C++ (-k cpu also selects the portable/avx512 ISA subprocess test, which
-# inherits LD_PRELOAD and PYTHONPATH), the large-input tests included (the 4.3 GB one where 8 GB are available). The
-# RSS test is left out: ASan's quarantine keeps freed memory resident by design.
-exec "$PY" -m pytest -q -p no:cacheprovider python_tests/test_select_exact.py python_tests/test_errors.py \
-  python_tests/test_op.py python_tests/test_fuzz.py python_tests/test_reliability.py \
-  -k "(cpu or isa or extension or gil or large) and not rss" "$@"
+# The CPU tests: everything that runs the C++ on CPU tensors (ids "[cpu-...", "[...-cpu-cpu]", "[cpu]"; the ISA
+# subprocess tests inherit LD_PRELOAD and PYTHONPATH), the large-input tests included (the 4.3 GB one where 8 GB are
+# available). The RSS test is left out: ASan's quarantine keeps freed memory resident by design.
+tests=(python_tests/test_select_exact.py python_tests/test_errors.py python_tests/test_op.py python_tests/test_fuzz.py
+       python_tests/test_reliability.py python_tests/test_methods.py python_tests/test_model_methods.py)
+[ -f python_tests/test_cpu_backend.py ] && tests+=(python_tests/test_cpu_backend.py)
+exec "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}" \
+  -k "(cpu-cpu or [cpu- or [cpu] or cpu_backend or isa or extension or gil or large) and not rss" "$@"

@@ -12,7 +12,7 @@ from .mob import farthest_point_sample, prompt_budget, prompt_cover, resolve_fol
 from .divprune import divprune, most_isolated  # isort: skip
 from .cdpruner import cdpruner, cdpruner_relevance  # isort: skip
 from .d2pruner import d2pruner  # isort: skip
-from .btp import btp_stage, spatial_seed  # isort: skip
+from .btp import btp_stage, btp_stage_as_released, spatial_seed  # isort: skip
 
 __all__ = [
     "select",
@@ -26,5 +26,6 @@ __all__ = [
     "cdpruner_relevance",
     "d2pruner",
     "btp_stage",
+    "btp_stage_as_released",
     "spatial_seed",
 ]

@@ -209,3 +209,73 @@ def btp_stage(
         rebalance=-1 if rebalance is None else checks.as_int("rebalance", rebalance), seed=seed, valid=valid,
         backend=checks.backend_name(backend),
     )
+
+
+def btp_stage_as_released(
+    hidden: Tensor,
+    attention: Tensor,
+    k: int,
+    *,
+    mode: str,
+    model: str = "llava",
+    n_div: int = 0,
+    n_attn: int = 0,
+    n_extra: int = 0,
+    rebalance: int | None = None,
+    seed: Tensor | None = None,
+) -> Tensor:
+    """One BTP stage on one sample (``hidden`` ``[n, d]``, ``attention`` ``[n]`` or ``[H, n]``) as the released code
+    computes it, bugs included, for A/B comparison with ``btp_stage``: the sorted kept indices, which may hold more
+    than ``k`` entries or repeat one (plain torch, reference arithmetic; not an op).
+
+    * ``union`` with a spatial ``seed`` (LLaVA stage 1): the union is deduplicated but never cut to ``k`` (it can reach
+      ``n_attn + |seed| + n_div``);
+    * ``union`` without one (LLaVA stage 2): the released code puts 0-d tensors and ints in one Python set, which does
+      not deduplicate them, so a token chosen by both attention and diversity is kept twice and the top-up adds
+      ``k - n_attn - n_div`` tokens;
+    * ``attn_only`` with ``model="qwen2_5_vl"``: when more than ``k`` of the top ``n_extra`` candidates lie below the
+      rebalancing index, all of them are kept."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+    if model not in ("llava", "qwen2_5_vl"):
+        raise ValueError(f"model must be 'llava' or 'qwen2_5_vl', got model={model!r}")
+    h = checks.features("hidden", hidden)
+    if h.dim() != 2:
+        raise ValueError(f"hidden must be one sample [n, d], got hidden.shape={tuple(h.shape)}")
+    from ..backends.reference import ReferenceBackend as P
+
+    n = h.shape[0]
+    hb = h.unsqueeze(0)
+    score = (attention if attention.dim() == 1 else attention.float().mean(0)).unsqueeze(0)
+    ok = usable(hb, None)
+    thr = -1 if rebalance is None else rebalance
+    if mode == "attn_only":
+        cand = attention_picks(score, n_extra, n_extra, thr, ok)[0]
+        cand = cand[cand >= 0]
+        if model == "qwen2_5_vl" and thr >= 0 and int((cand < thr).sum()) >= k:
+            out = cand[cand < thr]  # every early candidate, however many
+        else:
+            out = cand[:k]
+        return torch.sort(out).values
+    sim = P.gram(hb)
+    none = torch.full((1, 1), -1, dtype=torch.int64, device=h.device)
+
+    def top_up(keep: Tensor, add: int) -> Tensor:
+        more = diversity_picks(P, hb, sim, torch.tensor([add], device=h.device), max(add, 1), keep.unsqueeze(0), ok)
+        return torch.cat([keep, more[0][more[0] >= 0]])
+
+    if mode == "attn_seeded":
+        att = torch.sort(torch.nan_to_num(score[0].float(), nan=float("-inf")), descending=True, stable=True)
+        att = att.indices[:n_attn]
+        return torch.sort(top_up(att, max(k - n_attn, 0))).values
+    div = diversity_picks(P, hb, sim, torch.tensor([min(n_div, n)], device=h.device), max(n_div, 1), none, ok)[0]
+    div = div[div >= 0]
+    att = attention_picks(score, n_attn, n_extra, thr, ok)[0]
+    att = att[att >= 0]
+    if seed is not None:
+        union = torch.unique(torch.cat([att, seed.to(h.device), div]))
+    else:  # the set of ints and 0-d tensors: attention deduplicated, diversity appended as is
+        union = torch.cat([torch.unique(att), div])
+    if union.numel() < k:
+        union = top_up(union, k - union.numel())
+    return torch.sort(union).values
