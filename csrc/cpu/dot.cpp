@@ -47,8 +47,9 @@ void dot_tile_portable(DType t, const void* const* a, int64_t na, const void* co
     }
 }
 
-// Dot products over elements [off, d) of each row; add = accumulate into out instead of overwriting.
-using TileFn = void (*)(const void* const*, const void* const*, int64_t, int64_t, float*, int64_t, bool);
+// Dot products of rows a[r] + a_off and b[c] + b_off over len elements (offsets in elements); add = accumulate into
+// out instead of overwriting.
+using TileFn = void (*)(const void* const*, int64_t, const void* const*, int64_t, int64_t, float*, int64_t, bool);
 
 struct Bf16 {  // bfloat16 storage: sizeof must be 2 for the row pointer arithmetic
   uint16_t bits;
@@ -57,8 +58,17 @@ struct Bf16 {  // bfloat16 storage: sizeof must be 2 for the row pointer arithme
 // d in chunks of kChunk elements: the rows of one chunk stay in L1/L2 while all tiles of the block pass over them.
 constexpr int64_t kChunk = 1024;
 
+// Up to kPackRows rows of b are copied, one chunk at a time, into a per-thread buffer whose row stride is not a
+// multiple of 4 KiB. Feature rows with a power-of-two size (d = 4096 float32: 16 KiB apart) map to a handful of cache
+// sets, so a block of them evicts itself from L1 and L2 while the tile rows stream past it; packed, it stays. The copy
+// holds the same values, so every dot product is bit for bit what it is without packing.
+constexpr int64_t kPackRows = 48;
+constexpr int64_t kPackStride = kChunk + 32;  // elements: 64 bytes past the chunk even for 2-byte types
+alignas(64) thread_local unsigned char pack_buffer[kPackRows * kPackStride * 4];
+
 // The driver shared by the register-tiled kernels: Kernel::MR x Kernel::NR tiles over the na x nb block, edge tiles
-// dispatched on the actual block size so every call does exactly na x nb dots.
+// dispatched on the actual block size so every call does exactly na x nb dots. Each dot product is the sum over the
+// chunks, in order, of each chunk's lane-wise partial sums: the same whatever the tile and block it is computed in.
 template <class Kernel, int R, int C>
 TileFn edge_tile(DType t, bool bf, int64_t nr, int64_t nc) {
   if constexpr (R > 1) {
@@ -74,15 +84,33 @@ template <class Kernel>
 void dot_tile_tiled(DType t, bool bf, const void* const* a, int64_t na, const void* const* b, int64_t nb, int64_t d,
                     float* out, int64_t ld) {
   constexpr int MR = Kernel::MR, NR = Kernel::NR;
+  const int64_t elem = t == DType::kFloat32 ? 4 : 2;
+  // Packing pays when several tile rows pass over the block.
+  const bool pack = na >= 2 * MR && nb >= 2 * NR;
+  const void* packed[kPackRows];
   for (int64_t off = 0; off < d; off += kChunk) {
-    const int64_t end = std::min(d, off + kChunk);
-    for (int64_t r = 0; r < na; r += MR) {
-      const int64_t nr = std::min<int64_t>(MR, na - r);
-      for (int64_t c = 0; c < nb; c += NR) {
-        const int64_t nc = std::min<int64_t>(NR, nb - c);
-        const TileFn tile =
-            nr == MR && nc == NR ? Kernel::template pick<MR, NR>(t, bf) : edge_tile<Kernel, MR, NR>(t, bf, nr, nc);
-        tile(a + r, b + c, off, end, out + r * ld + c, ld, off > 0);
+    const int64_t len = std::min(d, off + kChunk) - off;
+    for (int64_t c0 = 0; c0 < nb; c0 += kPackRows) {
+      const int64_t ncb = std::min(kPackRows, nb - c0);
+      const void* const* bb = b + c0;
+      int64_t b_off = off;
+      if (pack) {
+        for (int64_t c = 0; c < ncb; ++c) {
+          unsigned char* dst = pack_buffer + c * kPackStride * elem;
+          std::memcpy(dst, static_cast<const unsigned char*>(b[c0 + c]) + off * elem, static_cast<size_t>(len * elem));
+          packed[c] = dst;
+        }
+        bb = packed;
+        b_off = 0;
+      }
+      for (int64_t r = 0; r < na; r += MR) {
+        const int64_t nr = std::min<int64_t>(MR, na - r);
+        for (int64_t c = 0; c < ncb; c += NR) {
+          const int64_t nc = std::min<int64_t>(NR, ncb - c);
+          const TileFn tile =
+              nr == MR && nc == NR ? Kernel::template pick<MR, NR>(t, bf) : edge_tile<Kernel, MR, NR>(t, bf, nr, nc);
+          tile(a + r, off, bb + c, b_off, len, out + r * ld + c0 + c, ld, off > 0);
+        }
       }
     }
   }
@@ -121,18 +149,18 @@ MOB_TILE_HELPER void store_tile(const __m512 (&acc)[MR][NR], float* out, int64_t
 }
 
 template <int MR, int NR, class T>
-MOB_AVX512 void tile_fma(const void* const* a, const void* const* b, int64_t off, int64_t d, float* out, int64_t ld,
-                         bool add) {
+MOB_AVX512 void tile_fma(const void* const* a, int64_t a_off, const void* const* b, int64_t b_off, int64_t len,
+                         float* out, int64_t ld, bool add) {
   __m512 acc[MR][NR];
   zero_tile<MR, NR>(acc);
-  for (int64_t i = off; i < d; i += 16) {
-    const __mmask16 m = d - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - i)) - 1u);
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1u);
     __m512 av[MR];
     #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) av[r] = load16(static_cast<const T*>(a[r]) + i, m);
+    for (int r = 0; r < MR; ++r) av[r] = load16(static_cast<const T*>(a[r]) + a_off + i, m);
     #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) {
-      const __m512 bv = load16(static_cast<const T*>(b[c]) + i, m);
+      const __m512 bv = load16(static_cast<const T*>(b[c]) + b_off + i, m);
       #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_fmadd_ps(av[r], bv, acc[r][c]);
     }
@@ -142,19 +170,19 @@ MOB_AVX512 void tile_fma(const void* const* a, const void* const* b, int64_t off
 
 // bfloat16 pairs: vdpbf16ps multiplies 32 bf16 pairs exactly and accumulates in float32.
 template <int MR, int NR>
-MOB_AVX512 void tile_bf16(const void* const* a, const void* const* b, int64_t off, int64_t d, float* out, int64_t ld,
-                          bool add) {
+MOB_AVX512 void tile_bf16(const void* const* a, int64_t a_off, const void* const* b, int64_t b_off, int64_t len,
+                          float* out, int64_t ld, bool add) {
   __m512 acc[MR][NR];
   zero_tile<MR, NR>(acc);
-  for (int64_t i = off; i < d; i += 32) {
-    const __mmask32 m = d - i >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (d - i)) - 1u);
+  for (int64_t i = 0; i < len; i += 32) {
+    const __mmask32 m = len - i >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (len - i)) - 1u);
     __m512bh av[MR];
     #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
-      av[r] = (__m512bh)_mm512_maskz_loadu_epi16(m, static_cast<const uint16_t*>(a[r]) + i);
+      av[r] = (__m512bh)_mm512_maskz_loadu_epi16(m, static_cast<const uint16_t*>(a[r]) + a_off + i);
     #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) {
-      const __m512bh bv = (__m512bh)_mm512_maskz_loadu_epi16(m, static_cast<const uint16_t*>(b[c]) + i);
+      const __m512bh bv = (__m512bh)_mm512_maskz_loadu_epi16(m, static_cast<const uint16_t*>(b[c]) + b_off + i);
       #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av[r], bv);
     }
@@ -207,31 +235,32 @@ MOB_AVX2_HELPER float hsum8(__m256 v) {
 // One step: the NR column operands are loaded first and each row operand is consumed as soon as it is loaded, so a
 // 4 x 3 tile needs 12 accumulators + 3 column operands + 1 row operand: exactly the 16 ymm registers.
 template <int MR, int NR, class T, bool kTail>
-MOB_AVX2_HELPER void avx2_step(__m256 (&acc)[MR][NR], const void* const* a, const void* const* b, int64_t i,
-                               int64_t n) {
+MOB_AVX2_HELPER void avx2_step(__m256 (&acc)[MR][NR], const void* const* a, int64_t ai, const void* const* b,
+                               int64_t bi, int64_t n) {
   __m256 bv[NR];
   #pragma GCC unroll 8
   for (int c = 0; c < NR; ++c)
-    bv[c] = kTail ? load8_tail(static_cast<const T*>(b[c]) + i, n) : load8(static_cast<const T*>(b[c]) + i);
+    bv[c] = kTail ? load8_tail(static_cast<const T*>(b[c]) + bi, n) : load8(static_cast<const T*>(b[c]) + bi);
   #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
-    const __m256 av = kTail ? load8_tail(static_cast<const T*>(a[r]) + i, n) : load8(static_cast<const T*>(a[r]) + i);
+    const __m256 av =
+        kTail ? load8_tail(static_cast<const T*>(a[r]) + ai, n) : load8(static_cast<const T*>(a[r]) + ai);
     #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_fmadd_ps(av, bv[c], acc[r][c]);
   }
 }
 
 template <int MR, int NR, class T>
-MOB_AVX2 void tile_avx2(const void* const* a, const void* const* b, int64_t off, int64_t d, float* out, int64_t ld,
-                        bool add) {
+MOB_AVX2 void tile_avx2(const void* const* a, int64_t a_off, const void* const* b, int64_t b_off, int64_t len,
+                        float* out, int64_t ld, bool add) {
   __m256 acc[MR][NR];
   #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
     #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_setzero_ps();
-  int64_t i = off;
-  for (; i + 8 <= d; i += 8) avx2_step<MR, NR, T, false>(acc, a, b, i, 8);
-  if (i < d) avx2_step<MR, NR, T, true>(acc, a, b, i, d - i);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) avx2_step<MR, NR, T, false>(acc, a, a_off + i, b, b_off + i, 8);
+  if (i < len) avx2_step<MR, NR, T, true>(acc, a, a_off + i, b, b_off + i, len - i);
   #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
     #pragma GCC unroll 8
