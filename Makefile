@@ -63,3 +63,11 @@ cuda-check: $(VENV)/.deps
 
 clean:
 	rm -rf build *.egg-info mob_kernels/_C*.so .pytest_cache .benchmarks
+
+# Everything that needs a CUDA GPU, in one command (scripts/gpu_check.sh): build with CUDA into the venv (reusing a CUDA
+# torch the machine already has), the whole suite, the fuzz tests on the GPU backends, compute-sanitizer (memcheck,
+# racecheck, synccheck, initcheck) and the GPU benchmarks into bench/results/<gpu-name>.*.
+.PHONY: gpu-check
+gpu-check:
+	PY=$(PY) VENV=$(VENV) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX="$(TORCH_INDEX)" \
+	DEPS='$(BUILD_DEPS) $(TEST_DEPS) $(BENCH_DEPS)' bash scripts/gpu_check.sh
