@@ -19,7 +19,8 @@
 # Environment: PY, VENV, TORCH_SPEC, TORCH_INDEX, DEPS, MOB_CUDA_ARCHS (default: this GPU's), GPU_CHECK_STEPS (default
 # "build test fuzz sanitize bench"), GPU_CHECK_JOBS (pytest-xdist workers when installed; default min(8, cores); 0 =
 # none), GPU_CHECK_OUT (default bench/results), GPU_CHECK_NAME (default: the GPU's name), SANITIZER (default
-# compute-sanitizer), FUZZ_PROFILE (default gpu when python_tests/test_fuzz.py defines it, else ci).
+# compute-sanitizer), GPU_CHECK_SANITIZE_ARGS (scripts/sanitize_driver.py options for every tool), FUZZ_PROFILE
+# (default gpu when python_tests/test_fuzz.py defines it, else ci).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -222,14 +223,21 @@ sanitize() {
     echo "$SANITIZER not found (set SANITIZER=/path/to/compute-sanitizer)"
     return 1
   fi
-  local tool rc=0 extra
+  local tool rc=0 extra driver
   for tool in memcheck racecheck synccheck initcheck; do
     extra=()
-    [[ $tool == racecheck ]] && extra=(--racecheck-report all)
+    # memcheck sees every shape and dtype; the slower tools two shapes (racecheck: one dtype per element size).
+    driver=(--quick)
+    case $tool in
+      memcheck) driver=() ;;
+      racecheck) extra=(--racecheck-report all) driver=(--quick --dtypes float32 bfloat16) ;;
+    esac
+    # shellcheck disable=SC2206  # GPU_CHECK_SANITIZE_ARGS is a list of driver options
+    [[ -n "${GPU_CHECK_SANITIZE_ARGS:-}" ]] && driver=($GPU_CHECK_SANITIZE_ARGS)
     echo "--- $tool"
     # No caching allocator: every tensor its own allocation, so an access past its end is an error, not a neighbour.
     if ! PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 99 ${extra[@]+"${extra[@]}"} \
-        "$PYBIN" scripts/sanitize_driver.py --backends triton cuda; then
+        "$PYBIN" scripts/sanitize_driver.py --backends triton cuda ${driver[@]+"${driver[@]}"}; then
       echo "$tool: FAILED"
       rc=1
     fi
