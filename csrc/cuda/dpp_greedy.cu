@@ -1,5 +1,6 @@
 // CUDA greedy MAP of a DPP (the reference's dpp_greedy; CDPruner's selection): fast greedy MAP with an incremental
-// Cholesky factor over the kernel L_ij = r_i S_ij r_j, S the cosine Gram matrix and r the relevance (0 off `valid`).
+// Cholesky factor over the kernel L_ij = r_i S_ij r_j, S the cosine Gram matrix and r the relevance; the rows and
+// columns of tokens off `valid` are 0.
 //
 // dpp_kernel, one block per sample; token n belongs to thread n % blockDim. Initialisation: d2[n] = L_nn (-inf off
 // `valid`), stop = DPP_STOP * max over n of (valid ? L_nn : 0), NaN propagating. Step i: a block argmax over d2
@@ -114,8 +115,9 @@ __global__ void __launch_bounds__(kRowThreadsMax) dpp_kernel(const DppArgs a) {
       for (int64_t n = tid; n < N; n += nthreads) {
         float dot = 0.f;
         for (int64_t t = 0; t < i; ++t) dot = fmaf(chol[t * N + j], chol[t * N + n], dot);
-        const float rn = valid[n] ? rel[n] : 0.f;
-        const float e = __fdiv_rn(__fsub_rn(__fmul_rn(__fmul_rn(rj, row[n]), rn), dot), root);
+        // An unusable token's kernel entries are 0 whatever its features hold (NaN * 0 would be NaN).
+        const float l = valid[n] ? __fmul_rn(__fmul_rn(rj, row[n]), rel[n]) : 0.f;
+        const float e = __fdiv_rn(__fsub_rn(l, dot), root);
         chol[i * N + n] = e;
         d2[n] = n == j ? -INFINITY : __fsub_rn(d2[n], __fmul_rn(e, e));
       }

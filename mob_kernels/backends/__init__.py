@@ -42,7 +42,8 @@ class Backend(Protocol):
         self, vis: Tensor, seed: Tensor, num_picks: Tensor, k: int, valid: Tensor | None, sim: Tensor | None
     ) -> Tensor:
         """Seeded farthest point sampling on cosine distance. ``seed`` ``[B, m]`` (``-1`` padded) are taken and seed
-        the distances; tokens where ``valid`` is False are never picked and never seed; ``sim`` (``gram(vis)``, when
+        the distances (whatever ``valid`` says of them); other tokens where ``valid`` is False are never picked and
+        never become centres; ``sim`` (``gram(vis)``, when
         the caller has it) may be read instead of recomputing products. Sample b makes ``min(num_picks[b], k,
         untaken valid)`` picks; returns ``[B, k]`` in selection order, ``-1`` padded."""
         ...

@@ -139,6 +139,9 @@ class ReferenceBackend:
             return order, gain
         r = torch.where(valid, relevance.float(), 0.0)
         kernel = r.unsqueeze(2) * ReferenceBackend.gram(vis) * r.unsqueeze(1)  # L = diag(r) S diag(r)
+        # Unusable tokens take no part: their rows and columns are 0 (a NaN feature would otherwise reach every
+        # token's gain through NaN * 0).
+        kernel = kernel.masked_fill(~(valid.unsqueeze(2) & valid.unsqueeze(1)), 0.0)
         d2 = torch.diagonal(kernel, dim1=1, dim2=2).clone()
         stop = DPP_STOP * d2.masked_fill(~valid, 0.0).amax(dim=1)  # [B]
         d2 = d2.masked_fill(~valid, float("-inf"))
