@@ -92,13 +92,14 @@ int64_t most_isolated(int64_t N, int64_t d, DType dtype, const VisRows& v, const
       for (int64_t task = 0; task < ntask; ++task) {
         const int64_t c0 = task * kColBlock, ncol = std::min(kColBlock, nc - c0);
         for (int64_t c = 0; c < ncol; ++c) crows[c] = rows[static_cast<size_t>(cols[c0 + c])];
-        dot_tile(dtype, brows, nb, crows, ncol, d, dots, ncol);
+        // Columns on the tile's row side, the block (reused by every task) on the packed side.
+        dot_tile(dtype, crows, ncol, brows, nb, d, dots, nb);
         for (int64_t c = 0; c < ncol; ++c) {
           const int64_t q = cols[c0 + c];
           for (int64_t r = 0; r < nb; ++r) {
             const int64_t p = block[r];
             if (p == q) continue;
-            const float dist = 1.0f - cosine(dots[r * ncol + c], inv, U[p], U[q]);
+            const float dist = 1.0f - cosine(dots[c * nb + r], inv, U[p], U[q]);
             row_min[r] = nan_min(row_min[r], dist);
             if (!in_block[q]) nearest[q] = nan_min(nearest[q], dist);  // this task's column alone
           }
