@@ -1,16 +1,18 @@
 // CPU greedy MAP of a DPP (CDPruner): the fast greedy loop with an incremental Cholesky factor (Chen et al. 2018).
 //
-// Kernel L_jn = (r_j S_jn) r_n with S the cosine similarity (common.h cosine: gram_cpu's values) and r the relevance
-// where valid, 0 elsewhere. Step i takes the largest residual d2 (first maximum; a NaN anywhere is the maximum, as
-// torch.argmax has it, and then stops the loop since its gain is not above the threshold) and updates every residual:
+// Kernel L_jn = (r_j S_jn) r_n between valid tokens, with S the cosine similarity (common.h cosine: gram_cpu's values)
+// and r the relevance; an invalid token's row and column are 0, so it never takes part (its residual stays -inf).
+// Step i takes the largest residual d2 (first maximum; a NaN is the maximum, as torch.argmax has it, and then stops
+// the loop since its gain is not above the threshold) and updates every valid residual:
 //   e_n = (L_jn - sum_{t<i} c_t[j] c_t[n]) / sqrt(d2_j),  c_i[n] = e_n,  d2_n -= e_n^2,  d2_j = -inf.
-// It stops when the best residual is at most kDppStop times the largest valid diagonal entry. Only rows of L for the
-// picked tokens are needed, computed on demand: k N d multiply-adds at most instead of the N^2 d of a Gram matrix.
+// It stops when the best residual is at most kDppStop times the largest valid diagonal entry (a NaN there stops it at
+// once). Only rows of L for the picked tokens are needed, computed on demand: k N d multiply-adds at most instead of
+// the N^2 d of a Gram matrix.
 //
 // Two loops give the same bits:
-// * eager: every step computes the picked token's row against every token (valid or not) and updates every residual,
-//   exactly the reference's sequence, so non-finite values propagate as they do there;
-// * lazy (when every row, relevance and diagonal entry is finite and the threshold positive, so no residual can
+// * eager: every step computes the picked token's row against every token and updates every valid residual, the
+//   reference's sequence, so non-finite values propagate as they do there;
+// * lazy (when every valid row, relevance and diagonal entry is finite and the threshold positive, so no residual can
 //   become NaN): residuals only shrink, so a stored residual bounds the true one from above. The valid untaken tokens
 //   sit in a max-heap by (stored residual, lower index); the top is the exact argmax once it is up to date, and a
 //   stale token catches up on the steps it missed, in order, with the same arithmetic the eager loop would have done
@@ -57,8 +59,8 @@ struct DppState {
   }
 };
 
-// The eager loop: step i updates every token from the picked row's products with all of them.
-void dpp_eager(DppState& st, float stop, int64_t* order, float* gain, bool parallel) {
+// The eager loop: step i updates every valid token from the picked row's products with all of them.
+void dpp_eager(DppState& st, const bool* valid, float stop, int64_t* order, float* gain, bool parallel) {
   const int64_t N = st.N;
   std::vector<float> dots(N);
   const bool split = parallel && work({N, st.d}) >= kParallelWork;
@@ -71,7 +73,8 @@ void dpp_eager(DppState& st, float stop, int64_t* order, float* gain, bool paral
     const void* rowj = st.v.rows[static_cast<size_t>(j)];
     auto step = [&](int64_t n0, int64_t n1) {  // tokens [n0, n1)
       dot_tile(st.dtype, &rowj, 1, st.v.rows.data() + n0, n1 - n0, st.d, dots.data() + n0, n1 - n0);
-      for (int64_t n = n0; n < n1; ++n) st.update(n, i, i + 1, dots.data() + n);
+      for (int64_t n = n0; n < n1; ++n)
+        if (valid[n]) st.update(n, i, i + 1, dots.data() + n);
     };
     if (split) {
 #pragma omp parallel
@@ -165,24 +168,23 @@ void dpp_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const float
   // stop = kDppStop * max over valid L_nn (invalid count as 0; a NaN propagates, as torch.amax does).
   float top = 0.f;
   bool nan = false, finite = true;
-  for (int64_t n = 0; n < N; ++n) {
-    finite &= v.norm[n] < 1e18f;  // finite, and no product of two rows can overflow
+  for (int64_t n = 0; n < N; ++n)
     if (valid[n]) {
       nan |= std::isnan(st.d2[n]);
-      finite &= std::isfinite(st.r[n]) && std::isfinite(st.d2[n]);
+      // finite (and no product of two rows can overflow), finite relevance and diagonal
+      finite &= v.norm[n] < 1e18f && std::isfinite(st.r[n]) && std::isfinite(st.d2[n]);
       top = std::max(top, st.d2[n]);
     }
-  }
   if (nan) top = NAN;
   const float stop = kDppStop * top;
   for (int64_t n = 0; n < N; ++n)
     if (!valid[n]) st.d2[n] = -INFINITY;
-  // Lazy only where no residual can turn NaN: finite rows (|S| <= 1, no overflowing product), finite kernel, a positive threshold (so
+  // Lazy only where no residual can turn NaN: finite valid rows (|S| <= 1, no overflowing product), finite kernel, a positive threshold (so
   // sqrt(d2_j) > 0), and a diagonal small enough that no e_n^2 can overflow (|e_n| <= ~2 top / sqrt(stop)).
   if (lazy && finite && stop > 0.f && top < 1e30f)
     dpp_lazy(st, valid, stop, order, gain, parallel);
   else
-    dpp_eager(st, stop, order, gain, parallel);
+    dpp_eager(st, valid, stop, order, gain, parallel);
 }
 
 }  // namespace
