@@ -56,6 +56,10 @@ inline const void* row_ptr(const Features& f, int64_t b, int64_t i) {
 void dot_tile(DType t, const void* const* a, int64_t na, const void* const* b, int64_t nb, int64_t d, float* out,
               int64_t ld);
 
+// out[r] = dot(rows[r], rows[r]) for r < n, for the norms: summed in an order of its own (faster than a 1 x 1 tile),
+// so not necessarily dot_tile's value for the same row.
+void squared_norms(DType t, const void* const* rows, int64_t n, int64_t d, float* out);
+
 // Which implementation dot_tile uses now: "avx512-bf16", "avx512", "avx2" or "portable". The best one the CPU runs,
 // narrowed by the environment variable MOB_CPU_ISA (read at the first use in a process) and by set_dot_isa.
 const char* dot_isa();

@@ -35,12 +35,15 @@ int64_t top_finite(const float* x, int64_t n, int64_t m, int64_t* out) {
 
 void inverse_norms(DType t, const std::vector<const void*>& rows, int64_t d, float* norm, float* inv, bool parallel) {
   const int64_t n = static_cast<int64_t>(rows.size());
+  constexpr int64_t kRows = 32;
 #pragma omp parallel for schedule(static) if (parallel && n * d >= kParallelWork)
-  for (int64_t i = 0; i < n; ++i) {
-    float sq;
-    dot_tile(t, &rows[static_cast<size_t>(i)], 1, &rows[static_cast<size_t>(i)], 1, d, &sq, 1);
-    norm[i] = std::sqrt(sq);
-    inv[i] = 1.0f / std::max(norm[i], kEps);
+  for (int64_t i0 = 0; i0 < n; i0 += kRows) {
+    const int64_t m = std::min(kRows, n - i0);
+    squared_norms(t, rows.data() + i0, m, d, norm + i0);
+    for (int64_t i = i0; i < i0 + m; ++i) {
+      norm[i] = std::sqrt(norm[i]);
+      inv[i] = 1.0f / std::max(norm[i], kEps);
+    }
   }
 }
 
