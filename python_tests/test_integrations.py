@@ -7,8 +7,17 @@ ones) and compares greedy tokens with the hooked ``generate()`` that runs on the
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = pytest.importorskip("tomli")
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,10 +38,10 @@ import mob_kernels  # noqa: E402
 from mob_kernels.integrations import (  # noqa: E402
     FPS_COLOUR,
     PROMPT_COLOUR,
+    SUPPORTED_TRANSFORMERS,
     UnsupportedModelError,
     apply_mob,
     draw_kept_patches,
-    paper_prompt_budget,
 )
 
 IMG = 127  # LLaVA image token
@@ -251,6 +260,74 @@ def test_generate_with_cache_equals_no_cache_loop_qwen(request, which, mode):
             assert int(ref.argmax(-1)) == int(gen[0, t]), f"step {t}"
 
 
+class _ForceToken(transformers.LogitsProcessor):
+    """Greedy decoding that emits ``token`` at the given generation steps (as sampling might)."""
+
+    def __init__(self, token, steps, prompt_length):
+        self.token, self.steps, self.prompt_length = token, set(steps), prompt_length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_length in self.steps:
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.token] = 0.0
+            return forced
+        return scores
+
+
+def _generate_forcing(model, token, steps, n_steps, **kw):
+    L = kw["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**kw, max_new_tokens=n_steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, logits_processor=[_ForceToken(token, steps, L)])
+    return out.sequences[:, L:], torch.cat(out.logits)  # raw logits, before the forcing
+
+
+@pytest.mark.parametrize("which, mode", [("llava", "layer"), ("llava", "input"), ("qwen2", "layer"),
+                                         ("qwen25", "input")])
+def test_decode_step_emitting_the_image_token_is_an_ordinary_token(request, which, mode):
+    """A decode step whose new token is the image placeholder id (here forced at steps 0 and 2) extends the pruned
+    cache like any token: nothing aborts, keep-all equals the unhooked model step for step, and a pruned generate
+    equals the no-cache loop that embeds that token as the unhooked model does."""
+    model = request.getfixturevalue(which)
+    if which == "llava":
+        ids, px = llava_inputs([1, 5, 6], [7, 8, 9, 10, 11], n_images=2, seed=17)
+        kw, n, token, layer = dict(input_ids=ids, pixel_values=px), N_LLAVA, IMG, 2
+    else:
+        kw, n = qwen_inputs(seed=19)
+        token, layer = Q_IMG, 1
+    L = kw["input_ids"].shape[1]
+    steps, forced = 5, (0, 2)
+    plain_gen, plain_logits = _generate_forcing(model, token, forced, steps, **kw)
+    assert [int(plain_gen[0, t]) == token for t in forced] == [True, True]
+    with apply_mob(model, budget=n, layer=layer, mode=mode):
+        gen, out_logits = _generate_forcing(model, token, forced, steps, **kw)
+    assert torch.equal(gen, plain_gen)
+    torch.testing.assert_close(out_logits, plain_logits, atol=1e-5, rtol=1e-5)
+
+    embeds, pos = _capture_lm_inputs(model, **kw)
+    if pos is None:
+        pos = torch.arange(L).unsqueeze(0)
+    with apply_mob(model, budget=5, layer=layer, mode=mode) as h:
+        gen, out_logits = _generate_forcing(model, token, forced, steps, **kw)
+        keep = h.keep_index
+    assert keep.shape[1] == L - (kw["input_ids"] == token).sum() + 5 * (2 if which == "llava" else 1)
+    assert [int(gen[0, t]) for t in forced] == [token, token]
+    pos = _extend_positions(pos, steps)
+    with torch.no_grad():
+        for t in range(steps):
+            ref = _reference_logits(model, embeds, pos[..., : L + t], keep, gen[:, :t], layer=layer, mode=mode,
+                                    compact=False)
+            torch.testing.assert_close(out_logits[t], ref[0], atol=1e-4, rtol=1e-4, msg=f"step {t}")
+
+
+def test_images_after_cached_tokens_raise(llava):
+    ids, px = llava_inputs([1, 5], [7, 8], seed=23)
+    with apply_mob(llava, budget=4), torch.no_grad():
+        cache = llava(input_ids=ids, pixel_values=px, use_cache=True).past_key_values
+        with pytest.raises(NotImplementedError, match="after cached tokens"):
+            llava(input_ids=ids, pixel_values=px, past_key_values=cache)
+
+
 def test_generate_sampling_and_qwen2_video(qwen2):
     kw, n = qwen_inputs(grid=(2, 8, 8), video=True, seed=7)  # 2 temporal patches -> 32 video tokens
     assert n == 32
@@ -322,12 +399,16 @@ def test_layers_from_l_see_text_plus_budget_per_image(llava, budget, per_image):
 
 def test_record_splits_prompt_cover_and_fps(llava):
     ids, px = llava_inputs([1, 5], [7, 8, 9, 10], seed=4)
-    with apply_mob(llava, budget=8, prompt_budget=3) as h:
+    # fold=16 (every prompt token nominates every image token): the cover fills its share whatever the random weights.
+    with apply_mob(llava, budget=8, prompt_budget=3, fold=16) as h:
         logits(llava, input_ids=ids, pixel_values=px)
         rec = h.kept[0][0]
     assert len(rec.indices) == 8 and int(rec.from_prompt.sum()) == 3
     assert torch.equal(torch.sort(torch.cat([rec.prompt_indices, rec.fps_indices])).values, rec.indices)
-    assert paper_prompt_budget(64) == 32 and paper_prompt_budget(128) == 48 and paper_prompt_budget(192) == 64
+    # prompt_budget=None: the package's one budget rule, mob_kernels.prompt_budget (64 -> 32, 128 -> 48, 192 -> 64).
+    with apply_mob(llava, budget=8, fold=16) as h:
+        logits(llava, input_ids=ids, pixel_values=px)
+        assert int(h.kept[0][0].from_prompt.sum()) == mob_kernels.prompt_budget(8) == 4
 
 
 def test_rows_with_different_image_layouts_raise(llava):
@@ -388,13 +469,32 @@ def test_unsupported_model_and_version_fail_loudly(llava, monkeypatch):
         apply_mob(llava, budget=1.5)
     from mob_kernels.integrations import hf
 
-    monkeypatch.setattr(hf, "installed_transformers_version", lambda: "4.57.1")
-    with pytest.raises(UnsupportedModelError, match="4.57.1"):
-        apply_mob(llava)
-    monkeypatch.setattr(hf, "installed_transformers_version", lambda: "6.0.0.dev0")
-    with pytest.raises(UnsupportedModelError, match="6.0.0.dev0"):
-        apply_mob(llava)
+    for version in ("4.57.1", "5.3.0", "6.0.0.dev0"):
+        monkeypatch.setattr(hf, "installed_transformers_version", lambda v=version: v)
+        message = rf"{re.escape(SUPPORTED_TRANSFORMERS)}.*{re.escape(version)}"
+        with pytest.raises(UnsupportedModelError, match=message):
+            apply_mob(llava)
     assert not llava.model._forward_pre_hooks  # nothing was left applied
+    for version in ("5.4.0", "5.19.0", "5.23.0", "5.99.1rc1"):
+        monkeypatch.setattr(hf, "installed_transformers_version", lambda v=version: v)
+        apply_mob(llava).remove()
+
+
+def test_supported_range_is_stated_once():
+    """pyproject's integrations extra says SUPPORTED_TRANSFORMERS; the Makefile tests its lowest and highest ends."""
+    from mob_kernels.integrations import hf
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").exists() or not (root / "Makefile").exists():
+        pytest.skip("not a source checkout")
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"transformers{SUPPORTED_TRANSFORMERS}" in extras["integrations"]
+    makefile = (root / "Makefile").read_text()
+    lowest = re.search(r"^TRANSFORMERS_LOWEST\s*:?=\s*(\d+)\.(\d+)\.\d+\s*$", makefile, re.M)
+    highest = re.search(r"\btransformers==(\d+)\.(\d+)\.\d+", makefile)
+    assert lowest and highest
+    assert tuple(map(int, lowest.groups())) == hf.MIN_TRANSFORMERS
+    assert hf.MIN_TRANSFORMERS <= tuple(map(int, highest.groups())) < hf.MAX_TRANSFORMERS_EXCLUSIVE
 
 
 def test_backends_agree_inside_the_model(llava):

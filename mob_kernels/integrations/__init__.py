@@ -16,7 +16,6 @@ from .hf import (
     MobHandle,
     UnsupportedModelError,
     apply_mob,
-    paper_prompt_budget,
 )
 
 __all__ = [
@@ -27,7 +26,6 @@ __all__ = [
     "UnsupportedModelError",
     "SUPPORTED_TRANSFORMERS",
     "SUPPORTED_MODEL_TYPES",
-    "paper_prompt_budget",
     "PROMPT_COLOUR",
     "FPS_COLOUR",
 ]

@@ -1,7 +1,7 @@
 """MoB visual-token pruning inside Hugging Face transformers 5.x vision-language models, through module hooks only.
 
-What it computes (SPEC.md §1-§2, §6 applied to a real model): at prefill, every image's (or video's) run of placeholder
-tokens is cut to ``budget`` tokens chosen by ``mob_kernels.select``:
+What it computes (MoB, docs/contract.md §3.1, applied to a real model): at prefill, every image's (or video's) run of
+placeholder tokens is cut to ``budget`` tokens chosen by ``mob_kernels.select``:
 
 * layer mode (the MoB paper's): the features are the hidden states entering decoder layer ``layer`` passed through the
   language model's final norm; the prompt is the text after the last image of the row, padding excluded. Layers
@@ -9,10 +9,15 @@ tokens is cut to ``budget`` tokens chosen by ``mob_kernels.select``:
   attention mask and their KV cache follow the kept tokens; layers ``< layer`` see the whole sequence.
 * input mode: the same selection on the merged input embeddings (projector output), before the first layer.
 
-How it maps onto the models (NOTES-integration.md): forward pre-hooks with kwargs on ``model.model`` (to see
-``input_ids`` and the 2-D mask), on ``model.model.language_model`` (input mode, and to find the KV cache) and on
-``language_model.layers[i]`` for ``i >= layer`` (layer mode). No modelling file is forked and no weight is touched, so
-``handle.remove()`` restores the model exactly.
+How it maps onto the models: forward pre-hooks with kwargs on ``model.model`` (to see ``input_ids`` and the 2-D
+mask), on ``model.model.language_model`` (input mode, and to find the KV cache) and on ``language_model.layers[i]``
+for ``i >= layer`` (layer mode). No modelling file is forked and no weight is touched, so ``handle.remove()``
+restores the model exactly.
+
+Prefill and decode: a forward call prunes when its ``input_ids`` hold image/video placeholder ids and its KV cache is
+empty (a prefill). A call that extends a cache is a decode step: placeholder ids among its new tokens are ordinary
+tokens there (a sampled token may equal the image id; the unhooked model embeds it like any other token), and only
+images given with pixels after cached tokens (a multi-turn image prompt) raise ``NotImplementedError``.
 
 Batches: rows must hold the same image layout (the same number of images with the same token counts, anywhere in
 the row; left padding is fine) so that every row prunes to the same length; otherwise a ``ValueError`` says so and
@@ -23,6 +28,11 @@ Positions: ``positions="keep"`` (default, what MoB does) keeps each kept token's
 gaps and decode steps continue from the original prompt length. ``positions="compact"`` re-indexes the kept tokens
 contiguously (1-D positions only, i.e. LLaVA / LLaVA-NeXT; Qwen's M-RoPE grid positions have no contiguous
 equivalent, so it raises there).
+
+Versions: ``SUPPORTED_TRANSFORMERS`` is the range the test suite runs on (``make test`` runs the integration tests on
+its lowest and highest ends). One adapter spans it: before 5.17 the Qwen rotary embedding returns cos/sin per M-RoPE
+axis, ``[3, B, n, d]``, from 5.17 on already recomposed, ``[B, n, d]``; both are gathered along the token axis
+(``-2``), so the hooks never look at the version.
 """
 
 from __future__ import annotations
@@ -36,14 +46,18 @@ from torch import Tensor
 
 import mob_kernels
 
-# The range the hooks were written and tested against. The hook points (no ``cache_position``, masks sized from the
-# layer-0 cache, decoder layers called with ``position_embeddings``) are 5.x behaviour; 5.23.0 is what the test suite
-# runs. Keep in step with ``[project.optional-dependencies] integrations`` in pyproject.toml.
-SUPPORTED_TRANSFORMERS = ">=5.23,<6"
-_MIN_VERSION = (5, 23)
-_MAX_VERSION_EXCLUSIVE = (6, 0)
+# The range the hooks are tested on: ``make test`` runs python_tests/test_integrations.py with the lowest supported
+# release (the Makefile's TRANSFORMERS_LOWEST) and the highest (its TEST_DEPS pin). The hook points (no
+# ``cache_position``, masks sized from the layer-0 cache, decoder layers called with ``position_embeddings``) are 5.x
+# behaviour from 5.4 on; on 5.3 decode masks and Qwen's position ids take other shapes and generate fails. pyproject's
+# ``integrations`` extra states this same range (a test checks it against this constant).
+MIN_TRANSFORMERS = (5, 4)
+MAX_TRANSFORMERS_EXCLUSIVE = (6, 0)
+SUPPORTED_TRANSFORMERS = f">={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},<{MAX_TRANSFORMERS_EXCLUSIVE[0]}"
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+# The forward arguments that carry the images' pixels (or features): placeholder ids with one of these are images.
+_PIXEL_KWARGS = ("pixel_values", "pixel_values_videos", "image_embeds", "video_embeds")
 
 
 class UnsupportedModelError(ValueError):
@@ -63,7 +77,7 @@ def _check_transformers_version() -> str:
         digits = "".join(ch for ch in piece if ch.isdigit())
         parts.append(int(digits) if digits else 0)
     key = tuple(parts)
-    if not (_MIN_VERSION <= key < _MAX_VERSION_EXCLUSIVE):
+    if not (MIN_TRANSFORMERS <= key < MAX_TRANSFORMERS_EXCLUSIVE):
         raise UnsupportedModelError(
             f"mob_kernels.integrations supports transformers {SUPPORTED_TRANSFORMERS}, found transformers=={version}; "
             f"install a supported version (pip install 'transformers{SUPPORTED_TRANSFORMERS}')"
@@ -72,18 +86,6 @@ def _check_transformers_version() -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------ budgets
-
-
-def paper_prompt_budget(k: int) -> int:
-    """The prompt-alignment budget ``K_p`` for a total budget ``K`` (SPEC.md §6, without the coupling prior).
-
-    The paper's table is ``64 -> 32``, ``128 -> 48``, ``192 -> 64``; between and beyond those rows the nearest row's
-    ratio is used (``K/2`` up to 64, ``3K/8`` up to 128, ``K/3`` above; LLaVA-NeXT's ``K = 320`` gives 106)."""
-    if k <= 64:
-        return k // 2
-    if k <= 128:
-        return (3 * k) // 8
-    return k // 3
 
 
 def _resolve_budget(budget: int | float, n: int) -> int:
@@ -102,7 +104,7 @@ def _resolve_budget(budget: int | float, n: int) -> int:
 
 def _resolve_prompt_budget(prompt_budget: int | float | None, k: int) -> int:
     if prompt_budget is None:
-        return paper_prompt_budget(k)
+        return mob_kernels.prompt_budget(k)
     if isinstance(prompt_budget, bool):
         raise TypeError(f"prompt_budget must be an int, a float ratio of the budget, or None, got {prompt_budget!r}")
     if isinstance(prompt_budget, int):
@@ -183,6 +185,16 @@ def _index_seq(x: Tensor, idx: Tensor) -> Tensor:
     return x[rows, idx.to(x.device)]
 
 
+def _index_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """Gather ``x[..., b, idx[b], :]`` for ``x`` of shape ``[..., B or 1, L, d]``: the rotary cos/sin, ``[B, L, d]``,
+    or ``[3, B, L, d]`` (one per M-RoPE axis) from Qwen before transformers 5.17."""
+    B, K = idx.shape
+    lead = x.shape[:-3]
+    x = x.expand(*lead, B, *x.shape[-2:])
+    index = idx.to(x.device).view(*(1,) * len(lead), B, K, 1).expand(*lead, B, K, x.shape[-1])
+    return torch.gather(x, -2, index)
+
+
 class MobHandle:
     """Returned by :func:`apply_mob`. ``remove()`` takes every hook off; ``kept`` is the last prefill's record."""
 
@@ -247,10 +259,14 @@ class MobHandle:
         if call.prune:
             cache = kwargs.get("past_key_values")
             if cache is not None and cache.get_seq_length() > 0:
-                raise NotImplementedError(
-                    "mob_kernels: image tokens after cached tokens (multi-turn prefill on a non-empty KV cache) are "
-                    "not supported; start a new cache for a prompt with images"
-                )
+                # A call that extends a KV cache is a decode step: a placeholder id among its new tokens is an ordinary
+                # token (e.g. sampled), embedded as the unhooked model does. Only pixels for it make it an image.
+                if any(kwargs.get(name) is not None for name in _PIXEL_KWARGS):
+                    raise NotImplementedError(
+                        "mob_kernels: images after cached tokens (multi-turn prefill on a non-empty KV cache) are "
+                        "not supported; start a new cache for a prompt with images"
+                    )
+                call.prune = False
         self._call = call
         return None
 
@@ -468,7 +484,7 @@ class MobHandle:
             cs = kwargs.get("position_embeddings")
             if cs is not None:
                 kwargs["position_embeddings"] = self._memo(
-                    memo, "rope", cs, lambda t: tuple(_index_seq(c, keep.to(c.device)) for c in t))
+                    memo, "rope", cs, lambda t: tuple(_index_tokens(c, keep) for c in t))
 
     def _remap_decode(self, kwargs, p: _Prefill, memo: dict, hidden: Tensor) -> None:
         def mask_fn(m):
@@ -513,7 +529,8 @@ def apply_mob(
     Qwen2.5-VL ``...ForConditionalGeneration``). Returns a :class:`MobHandle`; ``handle.remove()`` undoes it.
 
     ``budget``: tokens kept per image (an int, clipped to the image's token count, or a float keep-ratio).
-    ``prompt_budget``: how many of them cover the prompt (int, float ratio of ``budget``, or None for SPEC.md §6).
+    ``prompt_budget``: how many of them cover the prompt (int, float ratio of ``budget``, or None: the package's rule
+    ``mob_kernels.prompt_budget``).
     ``fold``: neighbours per prompt token (None: ``ceil(K_p / prompt length)``). ``layer``: the decoder layer before
     which layer-mode pruning happens. ``mode``: ``"layer"`` or ``"input"``. ``positions``: ``"keep"`` or ``"compact"``.
     ``backend``: passed to ``mob_kernels.select``. ``record``: keep per-image records of what was kept
@@ -529,7 +546,8 @@ def apply_mob(
         )
     if not hasattr(model, "model") or not hasattr(model.model, "language_model"):
         raise UnsupportedModelError(
-            f"apply_mob needs the ...ForConditionalGeneration class (model.model.language_model), got {type(model).__name__}"
+            "apply_mob needs the ...ForConditionalGeneration class (model.model.language_model), "
+            f"got {type(model).__name__}"
         )
     if mode not in ("layer", "input"):
         raise ValueError(f"mode must be 'layer' or 'input', got mode={mode!r}")
