@@ -12,11 +12,16 @@ PIP         := $(BIN)/python -m pip
 # Test and integration dependencies, pinned to the versions the suite was run with.
 TEST_DEPS   := pytest==9.2.0 hypothesis==6.170.15 pytest-benchmark==5.3.1 expecttest numpy triton==3.9.0 \
                transformers==5.23.0 pillow==13.0.0 scikit-learn==1.9.1
+# The model integrations' lowest supported transformers (mob_kernels/integrations/hf.py, MIN_TRANSFORMERS; TEST_DEPS
+# pins the highest): `make test` also runs python_tests/test_integrations.py with it and the deps it was tested with.
+TRANSFORMERS_LOWEST := 5.4.0
+TF_LOWEST_DEPS := transformers==$(TRANSFORMERS_LOWEST) huggingface-hub==1.33.0 tokenizers==0.22.2
+TF_LOWEST   := $(VENV)/transformers-lowest
 BENCH_DEPS  := matplotlib==3.11.2 fpsample==1.0.2 faiss-cpu==1.15.1
 BUILD_DEPS  := "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja
 SOURCES     := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: install demo test bench fuzz test-asan test-large cuda-check clean
+.PHONY: install demo test test-integrations-lowest bench fuzz test-asan test-large cuda-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,8 +45,19 @@ install: $(VENV)/.installed
 demo: install $(VENV)/.bench-deps
 	$(BIN)/python -m mob_kernels.bench --preset demo
 
-test: install $(VENV)/.bench-deps
+test: install $(VENV)/.bench-deps test-integrations-lowest
 	$(BIN)/python -m pytest -q python_tests
+
+# transformers $(TRANSFORMERS_LOWEST) in a directory put in front of the venv's packages (torch, pytest and the rest
+# come from the venv: no second torch).
+$(TF_LOWEST)/.deps: $(VENV)/.deps
+	rm -rf $(TF_LOWEST)
+	$(PIP) install -q --target $(TF_LOWEST) $(TF_LOWEST_DEPS)
+	touch $@
+
+test-integrations-lowest: install $(TF_LOWEST)/.deps
+	PYTHONPATH=$(abspath $(TF_LOWEST)) $(BIN)/python -c "import transformers as t; print('integration tests on transformers', t.__version__)"
+	PYTHONPATH=$(abspath $(TF_LOWEST)) $(BIN)/python -m pytest -q -p no:cacheprovider python_tests/test_integrations.py
 
 bench: install $(VENV)/.bench-deps
 	$(BIN)/python -m pytest -q bench --benchmark-only --benchmark-columns=min,median,iqr,rounds
