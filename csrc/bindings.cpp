@@ -72,6 +72,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("lazy") = true, "lazy=False forces the eager loop (the same bits; for tests)");
 
   m.def(
+      "cdpruner_cpu",
+      [](int64_t B, int64_t N, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs, int64_t vis_rs,
+         uintptr_t relevance, uintptr_t valid, int64_t k, uintptr_t out) {
+        Features v = features(vis, dtype, vis_bs, vis_rs);
+        py::gil_scoped_release release;
+        mob::cdpruner_cpu(B, N, d, v, reinterpret_cast<const float*>(relevance), reinterpret_cast<const bool*>(valid),
+                          k, reinterpret_cast<int64_t*>(out));
+      },
+      "valid is optional (0: every token)");
+
+  m.def(
       "divprune_cpu",
       [](int64_t B, int64_t N, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs, int64_t vis_rs, uintptr_t valid,
          int64_t k, uintptr_t out) {

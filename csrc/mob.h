@@ -49,6 +49,12 @@ constexpr float kDppStop = 1e-5f;
 void dpp_greedy_cpu(int64_t B, int64_t N, int64_t d, Features vis, const float* relevance, const bool* valid,
                     int64_t k, int64_t* order, float* gain, bool lazy = true);
 
+// CDPruner whole (mob_kernels/methods/cdpruner.py): usable = valid (nullptr: all), finite features and finite
+// relevance [B, N] float32; the DPP's picks over the usable tokens, completed to k by relevance (descending, ties to
+// the lower index, unusable tokens last); out [B, k] sorted ascending.
+void cdpruner_cpu(int64_t B, int64_t N, int64_t d, Features vis, const float* relevance, const bool* valid, int64_t k,
+                  int64_t* out);
+
 // DivPrune whole (mob_kernels/methods/divprune.py): usable = valid (nullptr: all) and finite features; the most
 // isolated usable token first, then farthest point sampling on the cosine Gram matrix, completed with the
 // lowest-index other tokens to k; out [B, k] sorted ascending.

@@ -353,6 +353,22 @@ def test_fused_divprune_is_its_composition_bit_for_bit(isa, kind, dtype):
             assert torch.equal(C.divprune(vis, k, v), _divprune._compose(C, vis, k, v)), (B, N, d, k)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["gaussian", "clustered", "integer", "nonfinite"])
+def test_fused_cdpruner_is_its_composition_bit_for_bit(isa, kind, dtype):
+    for B, N, d, k in [(1, 1, 4, 1), (2, 37, 9, 5), (2, 90, 40, 30), (1, 130, 70, 130), (3, 64, 16, 0)]:
+        vis, valid = _divprune_inputs(kind, B, N, d, dtype, seed=N)
+        g = torch.Generator().manual_seed(N)
+        rel = torch.rand(B, N, generator=g)
+        rel[:, ::13] = 0.5  # relevance ties: completed in index order
+        if kind == "nonfinite":
+            rel[:, 3::17] = float("nan")
+            rel[:, 5::19] = float("inf")
+        for v in (valid, None, torch.zeros_like(valid)):
+            for r in (rel, rel.double(), rel.bfloat16()):
+                assert torch.equal(C.cdpruner(vis, r, k, v), _cdpruner._compose(C, vis, r, k, v)), (B, N, d, k)
+
+
 def _divprune_margin(vis, k):
     """DivPrune on one sample (all tokens usable) in float64: the smallest margin of the first pick (the most isolated
     token) and of every FPS step after it."""

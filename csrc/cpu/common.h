@@ -53,6 +53,20 @@ inline float nan_min(float cur, float x) {
 // (fewer than m when fewer entries are finite). Non-finite entries never count.
 int64_t top_finite(const float* x, int64_t n, int64_t m, int64_t* out);
 
+// Every feature of the row is finite (no NaN or infinity): exponent bits not all ones.
+inline bool finite_row(DType t, const void* row, int64_t d) {
+  uint32_t bad = 0;
+  if (t == DType::kFloat32) {
+    const uint32_t* p = static_cast<const uint32_t*>(row);
+    for (int64_t c = 0; c < d; ++c) bad |= (p[c] & 0x7f800000u) == 0x7f800000u;
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(row);
+    const uint16_t exp = t == DType::kFloat16 ? 0x7c00u : 0x7f80u;
+    for (int64_t c = 0; c < d; ++c) bad |= (p[c] & exp) == exp;
+  }
+  return bad == 0;
+}
+
 // Pointers to the n rows of sample b.
 inline std::vector<const void*> rows_of(const Features& f, int64_t b, int64_t n) {
   std::vector<const void*> r(static_cast<size_t>(n));

@@ -12,20 +12,6 @@
 namespace mob::cpu {
 namespace {
 
-// Every feature of the row is finite (no NaN or infinity): exponent bits not all ones.
-bool finite_row(DType t, const void* row, int64_t d) {
-  uint32_t bad = 0;
-  if (t == DType::kFloat32) {
-    const uint32_t* p = static_cast<const uint32_t*>(row);
-    for (int64_t c = 0; c < d; ++c) bad |= (p[c] & 0x7f800000u) == 0x7f800000u;
-  } else {
-    const uint16_t* p = static_cast<const uint16_t*>(row);
-    const uint16_t exp = t == DType::kFloat16 ? 0x7c00u : 0x7f80u;
-    for (int64_t c = 0; c < d; ++c) bad |= (p[c] & exp) == exp;
-  }
-  return bad == 0;
-}
-
 constexpr int64_t kRowBlock = 24;  // candidate rows computed together (6 register tiles high)
 constexpr int64_t kColBlock = 48;  // columns per task
 

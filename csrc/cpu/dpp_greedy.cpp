@@ -18,6 +18,9 @@
 //   stale token catches up on the steps it missed, in order, with the same arithmetic the eager loop would have done
 //   (its products with the picked rows come from register tiles of up to 4 stale tokens). Tokens whose residual is far
 //   below the best are never touched again, which on real and random features is most of them.
+#include <cfloat>
+#include <memory>
+
 #include "cpu/common.h"
 
 namespace mob::cpu {
@@ -187,8 +190,46 @@ void dpp_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const float
     dpp_eager(st, valid, stop, order, gain, parallel);
 }
 
+// CDPruner whole (mob_kernels/methods/cdpruner.py): usable = valid, finite features and finite relevance; the DPP's
+// picks, then the other tokens by relevance (descending, ties to the lower index; unusable ones last, by index);
+// out[0..k) sorted ascending.
+void cdpruner_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const float* relevance, const bool* valid,
+                     int64_t k, int64_t* out, bool parallel) {
+  if (k <= 0) return;
+  std::unique_ptr<bool[]> ok(new bool[static_cast<size_t>(N)]);
+  for (int64_t n = 0; n < N; ++n)
+    ok[n] = (!valid || valid[n]) && std::isfinite(relevance[n]) && finite_row(dtype, v.rows[static_cast<size_t>(n)], d);
+  std::vector<int64_t> order(static_cast<size_t>(k));
+  std::vector<float> gain(static_cast<size_t>(k));
+  dpp_sample(N, d, dtype, v, relevance, ok.get(), k, true, order.data(), gain.data(), parallel);
+  // complete(): the chosen first (+inf), then relevance, unusable tokens at -inf; a stable sort keeps index order.
+  std::vector<float> key(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) key[n] = ok[n] ? std::min(relevance[n], FLT_MAX) : -INFINITY;
+  for (int64_t j : order)
+    if (j >= 0) key[j] = INFINITY;
+  std::vector<int64_t> idx(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) idx[n] = n;
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return key[a] > key[b]; });
+  std::sort(idx.begin(), idx.begin() + k);
+  std::copy(idx.begin(), idx.begin() + k, out);
+}
+
 }  // namespace
 }  // namespace mob::cpu
+
+void mob::cdpruner_cpu(int64_t B, int64_t N, int64_t d, Features vis, const float* relevance, const bool* valid,
+                       int64_t k, int64_t* out) {
+  cpu::require_sizes({B, N, 0, d, 0, k});
+  cpu::require_pointer("vis", vis.data, B * N * d);
+  cpu::require_pointer("relevance", relevance, B * N);
+  cpu::require_pointer("out", out, B * k);
+  // valid is optional: nullptr means every token.
+  cpu::for_each_sample(B, cpu::work({N, d, k + 1}), [&](int64_t b, bool parallel) {
+    const cpu::VisRows v(vis, b, N, d, parallel);
+    cpu::cdpruner_sample(N, d, vis.dtype, v, relevance + b * N, valid ? valid + b * N : nullptr, k, out + b * k,
+                         parallel);
+  });
+}
 
 void mob::dpp_greedy_cpu(int64_t B, int64_t N, int64_t d, Features vis, const float* relevance, const bool* valid,
                          int64_t k, int64_t* order, float* gain, bool lazy) {

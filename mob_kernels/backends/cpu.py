@@ -3,7 +3,8 @@
 The extension does not link libtorch; this module allocates the outputs, passes ``data_ptr()``s, sizes, element
 strides and a dtype tag (0 for an absent optional tensor), and the C++ releases the GIL while it runs (OpenMP across
 samples, or inside one sample). gram, prompt_cover, farthest_point_sample (valid and sim included) and dpp_greedy are
-native; DivPrune and MoB's select have fused implementations. Primitives without a native kernel are inherited from
+native; MoB's select, DivPrune and CDPruner have fused implementations (the whole method per sample in C++, the
+usable-token scan included). Primitives without a native kernel are inherited from
 the reference backend.
 """
 
@@ -88,6 +89,15 @@ class CpuBackend(ReferenceBackend):  # primitives without a native kernel run th
             B, N, prompt.shape[1], d, DTYPE_TAG[vis.dtype], *_features(vis), *_features(prompt), mask.data_ptr(),
             k_p, k, fold.data_ptr(), out.data_ptr(),
         )
+        return out
+
+    @staticmethod
+    def cdpruner(vis: Tensor, relevance: Tensor, k: int, valid: Tensor | None) -> Tensor:
+        B, N, d = vis.shape
+        out = torch.empty(B, k, dtype=torch.int64)
+        r = relevance.float().contiguous()
+        _C.cdpruner_cpu(B, N, d, DTYPE_TAG[vis.dtype], *_features(vis), r.data_ptr(), _optional(valid), k,
+                        out.data_ptr())
         return out
 
     @staticmethod
