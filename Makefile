@@ -87,3 +87,10 @@ clean:
 gpu-check:
 	PY=$(PY) VENV=$(VENV) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX="$(TORCH_INDEX)" \
 	DEPS='$(BUILD_DEPS) $(TEST_DEPS) $(BENCH_DEPS)' bash scripts/gpu_check.sh
+
+# The C++ CPU backend compiled for aarch64 and run under qemu against the native build on every instruction-set path
+# (scripts/cross_check_aarch64.sh). Needs aarch64-linux-gnu-g++ and qemu-aarch64
+# (Debian/Ubuntu: apt-get install -y g++-aarch64-linux-gnu qemu-user); installs nothing.
+.PHONY: cross-check-aarch64
+cross-check-aarch64:
+	bash scripts/cross_check_aarch64.sh
