@@ -11,7 +11,7 @@ BIN         := $(VENV)/bin
 PIP         := $(BIN)/python -m pip
 # Test and integration dependencies, pinned to the versions the suite was run with.
 TEST_DEPS   := pytest==9.2.0 hypothesis==6.170.15 pytest-benchmark==5.3.1 expecttest numpy triton==3.9.0 \
-               transformers==5.23.0 pillow==13.0.0 scikit-learn==1.9.1
+               transformers==5.23.0 pillow==13.0.0 scikit-learn==1.9.1 mypy==2.4.1 build==1.6.1
 # The model integrations' lowest supported transformers (mob_kernels/integrations/hf.py, MIN_TRANSFORMERS; TEST_DEPS
 # pins the highest): `make test` also runs python_tests/test_integrations.py with it and the deps it was tested with.
 TRANSFORMERS_LOWEST := 5.4.0
@@ -21,7 +21,7 @@ BENCH_DEPS  := matplotlib==3.11.2 fpsample==1.0.2 faiss-cpu==1.15.1
 BUILD_DEPS  := "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja
 SOURCES     := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: install demo test test-integrations-lowest bench fuzz test-asan test-large cuda-check clean
+.PHONY: install demo test test-integrations-lowest bench fuzz test-asan test-large cuda-check check-sdist clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,7 @@ $(VENV)/.bench-deps: $(VENV)/.deps
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	MOB_EXTENSION=on $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -76,6 +76,11 @@ test-large: install
 
 cuda-check: $(VENV)/.deps
 	PYTHON=$(BIN)/python bash csrc/cuda/check.sh
+
+# The sdist as a user without a wheel gets it: built, its contents checked, installed with build isolation into a
+# clean venv (pinned torch only) with and without a working C++ compiler, and type-checked (scripts/check_sdist.sh).
+check-sdist: $(VENV)/.deps
+	PY=$(abspath $(BIN))/python TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX="$(TORCH_INDEX)" bash scripts/check_sdist.sh
 
 clean:
 	rm -rf build *.egg-info mob_kernels/_C*.so .pytest_cache .benchmarks
