@@ -3,7 +3,8 @@ running the incremental-Cholesky greedy loop. Imports only torch and triton; thi
 
 What it computes (the reference backend's ``dpp_greedy``, same semantics): with S the cosine Gram matrix (raw-row dots,
 float32 accumulation, times the float32 inverse norms 1 / max(|v|, 1e-12)) and r = relevance where valid, else 0, the
-kernel is L_ij = (r_i S_ij) r_j. Fast greedy MAP (Chen et al. 2018): d2 starts at diag(L) (-inf where invalid); step i
+kernel is L_ij = (r_i S_ij) r_j, and 0 in the rows and columns of invalid tokens (so a NaN feature of an invalid
+token reaches nothing). Fast greedy MAP (Chen et al. 2018): d2 starts at diag(L) (-inf where invalid); step i
 takes j = argmax d2 (first maximum) with gain g = d2_j, and continues only while no d2 is NaN and g > 1e-5 · max over
 valid of L_jj; then e = (L[j, :] - Σ_{t<i} C[t, j] C[t, :]) / sqrt(g) becomes row i of C, d2 -= e², d2_j = -inf.
 Returns (order [B, k] int64, -1 after the stop; gain [B, k] float32, 0 after the stop). Host-sync free.
@@ -120,8 +121,8 @@ def _dpp_tail(gram_b, rel_b, valid_b, d2_b, r_b, c_b, order_b, gain_b, N, k, CH:
         inb = n < N
         ok = inb & (tl.load(valid_b + n, mask=inb, other=0) != 0)
         r = tl.where(ok, tl.load(rel_b + n, mask=inb, other=0.0), 0.0)
-        d2 = (r * tl.load(gram_b + n.to(tl.int64) * (N + 1), mask=inb, other=0.0)) * r
-        diag = tl.where(ok, d2, tl.where(inb, 0.0, float("-inf")))  # the reference's masked_fill(~valid, 0)
+        d2 = tl.where(ok, (r * tl.load(gram_b + n.to(tl.int64) * (N + 1), mask=inb, other=0.0)) * r, 0.0)
+        diag = tl.where(inb, d2, float("-inf"))
         top_nan = tl.maximum(top_nan, tl.max((diag != diag).to(tl.int32), 0))
         top = tl.maximum(top, tl.max(diag, 0))
         d2 = tl.where(ok, d2, float("-inf"))
@@ -150,6 +151,7 @@ def _dpp_tail(gram_b, rel_b, valid_b, d2_b, r_b, c_b, order_b, gain_b, N, k, CH:
             n = n0 + tl.arange(0, CH)
             inb = n < N
             lrow = (r_j * tl.load(row_j + n, mask=inb, other=0.0)) * tl.load(r_b + n, mask=inb, other=0.0)
+            lrow = tl.where(tl.load(valid_b + n, mask=inb, other=0) != 0, lrow, 0.0)  # invalid columns are 0
             acc = tl.zeros([CH], tl.float32)
             for t0 in range(0, i, TB):  # Σ_{t<i} C[t, j] C[t, n]
                 t = t0 + tl.arange(0, TB)

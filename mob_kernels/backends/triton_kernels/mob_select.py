@@ -1,53 +1,65 @@
-"""Triton kernels for MoB selection and its primitives: cosine Gram matrix, prompt cover, farthest point sampling, and
-the whole ``select`` in ONE launch. Imports only torch and triton; this file can be copied alone.
+"""Triton kernels for MoB selection and its primitives -- cosine Gram matrix, prompt cover, farthest point sampling --
+and the whole ``select`` in ONE launch. Imports only torch and triton; this file can be copied alone.
 
 What it computes (the reference backend's primitives, same semantics; every "largest" ties to the lower index):
-  gram                  S = v̂ v̂ᵀ, v̂ = v / max(|v|, 1e-12): raw-row dot products (float32 accumulation) times the float32
-                        inverse norms, exactly symmetric.
-  prompt_cover          per valid prompt row j its f best tokens T_j (f = fold[b]); covering score c(i) = max S_pi[j, i]
-                        over the T_j holding i; the min(k_p, #candidates) best-scoring tokens by descending score.
-  farthest_point_sample seeds (taken, -1 padded) start dist(i) = min over centres of 1 - S[c, i]; each step takes the
-                        untaken valid token with the largest dist (NaN below every finite distance and NaN forever, as
-                        torch.minimum; unseeded first pick = largest raw norm, NaN lowest) and folds its row in;
-                        min(num_picks, k, untaken valid) picks in selection order, -1 padded. Rows come from a given
-                        Gram ``sim``, from the Gram this launch computes, or (N too large for a Gram) per step from V.
-  select                cover -> FPS seeded by the cover picks for k - count picks -> sorted union, in one launch.
+  gram     S = v̂ v̂ᵀ, v̂ = v / max(|v|, 1e-12): raw-row dot products (float32 accumulation) times the float32 inverse
+           norms, symmetric bit for bit.
+  cover    per valid prompt row j its f best tokens T_j (f = fold[b]); covering score c(i) = max S_pi[j, i] over the
+           T_j holding i; the min(k_p, #candidates) best-scoring tokens by descending score, -1 padded.
+  FPS      seeds (taken, -1 padded; duplicates allowed) start dist(i) = min over centres of 1 - S[c, i]; each step
+           takes the untaken valid token with the largest dist (NaN below every finite distance and NaN forever, as
+           torch.minimum; unseeded: first pick = largest raw norm, NaN lowest) and folds its row in; min(num_picks, k,
+           untaken valid) picks in selection order, -1 padded. Rows come from a given Gram ``sim``, from the Gram this
+           launch computes, or (N too large for a Gram) per step from V.
+  select   cover -> FPS seeded by the cover picks for k - count picks -> the sorted union.
 
-How (one launch, grid = (programs per sample, B); every program of sample b is one of):
-  cover tile  [BL prompt rows x BM tokens] of S_pi = p̂ v̂ᵀ (dot of raw rows, norms from the same loads); keeps each
-              row's FT best (value, index) keys of its tile -- the union of per-tile top-f sets holds each row's top-f
-              whenever f <= FT -- and stores the similarity tile itself only when the sample's f > FT.
-  Gram tile   [BM x BM] upper-triangle tile of S, written with its mirror (diagonal tiles also write the raw norms).
+How (one launch, grid = (programs per sample, B); each program of sample b is one of):
+  cover tile  [BL prompt rows x BM tokens] of p̂ v̂ᵀ (dots of raw rows on tensor cores, norms from the same loads); it
+              keeps each row's FT best (value, index) int64 keys within its tile -- the union of per-tile top-f sets
+              holds each row's top-f whenever f <= FT -- and stores the similarities only when the sample's f > FT.
+  Gram tile   [BM x BM] upper-triangle tile of S, stored with its mirror; diagonal tiles also store the raw norms.
   norm tile   raw norms of NB rows (when the FPS reads a given ``sim`` or computes rows from V).
-  Tails, each run by the LAST program to arrive at a per-sample atomic ticket (acq_rel, gpu scope; the ticket resets
-  itself to 0, so a cached ticket buffer needs no memset between launches on one stream):
-    cover finish  after the sample's cover tiles: per-row f-th best key from the partial keys (f <= FT; else f passes
-                  over the stored similarities), c(i) by an atomic int64 max scatter, top-k_p by a bitonic sort of N
-                  keys (N <= SORT_MAX_N) or k_p max passes; then arrives at the FPS ticket.
-    FPS           after all Gram/norm tiles and the cover finish: on chip (N <= ONCHIP_MAX_N) -- dist, taken and the
-                  valid mask in registers of this one program; the seeds folded as [SEED_ROWS, BLOCK_N] tiles of Gram
-                  rows; one step = argmax (value, index) tree reduction + one dependent Gram-row load + a NaN-propagating
-                  min -- or tiled (dist/taken in the workspace, BLOCK CH chunks per step).
-  float32 inputs use 3xTF32 on tensor cores: each operand is split x = hi + lo with hi, lo rounded to tf32, and
-  hi·hi + hi·lo + lo·hi accumulate in float32 (error ~2^-21 relative per product). Because the operands handed to the
-  tensor cores are exactly tf32-representable, their products are exact in float32, so the interpreter's float32 dot
-  reproduces the GPU's products (only the accumulation order differs): the split is tested, not just assumed.
+  Then per sample two tails, each run by the LAST program to arrive at an atomic ticket (acq_rel, gpu scope, after a
+  CTA barrier; the last arrival resets the ticket to 0, so a cached ticket buffer needs no memset between launches):
+    cover finish  (last cover tile) the per-row f-th best key from one register tile of partial keys (f <= FT; else f
+                  passes over the stored similarities), c(i) by an int64 atomic-max scatter, then top-k_p without a
+                  sort: compact the candidates, rank each by counting the candidate keys above it ([RANK_B, RANK_B]
+                  compare tiles), write pick r to slot r. It then arrives at the FPS ticket, so it overlaps the
+                  sample's Gram tiles still running.
+    FPS           (last of the Gram / norm tiles and the cover finish) on chip for N <= ONCHIP_MAX_N: dist, taken and
+                  the valid mask live in registers of this one program; the seeds are folded SEED_ROWS Gram rows per
+                  tile (the next tile's indices loaded ahead); a step is one (value, index) argmax tree reduction, one
+                  dependent Gram-row load and a NaN-propagating min (min.NaN.f32). Beyond ONCHIP_MAX_N: the same loop
+                  with dist / taken in the workspace, CH-wide chunks per step. select writes the sorted union (cumsum
+                  compaction of the taken flags) instead of the picks.
+  float32 inputs run 3xTF32 on tensor cores: each operand is split x = hi + lo with hi and lo rounded to tf32, and
+  lo·hi + hi·lo + hi·hi accumulate in float32 (~2^-21 relative per product). The parts handed to the tensor cores are
+  exactly tf32, so their products are exact in float32 and the interpreter's float32 dot computes the GPU's products
+  (only the accumulation order differs): the split is tested under the interpreter, not assumed.
 
-Workspace: one float32 tensor per call, regions laid out by ``_regions`` (kernel) / ``_ws_floats`` (host) -- the Gram
-B·N²·4 bytes dominates. The batch runs in chunks whose Gram fits GRAM_BYTES, all chunks reusing that one allocation.
+Host side: one ``torch.empty`` workspace per call (regions laid out by ``_regions`` in the kernel and ``_ws_floats``
+on the host; the B·N²·4-byte Gram dominates), the output, a cached ticket buffer and one launch. The batch runs in
+chunks whose Gram fits GRAM_BYTES (one chunk for model shapes), every chunk reusing that one workspace. Shapes map to
+block sizes through one cached ``_plan``.
 
-Cost estimate (H100, not measured: no GPU was available while this was written). Per FPS step on chip: dependent L2
-load of one Gram row (~300-600 cycles) + the argmax tree (log2(32) shuffles of (value, index) pairs, one cross-warp
-round through shared memory, ~400 cycles) + ~12 ALU ops per element held by a thread: ~0.4-0.6 µs. LLaVA-1.5 bf16
-(B=1, N=576, d=4096, L=64, k_p=32, k=64): 54 tiles in one wave, each streaming 2 x 64 x 4096 bf16 from L2 (~5-9 µs);
-cover finish ~3-5 µs (one register tile of partial keys, one atomic scatter, a 1024-key bitonic sort); seed fold 4
-tiles of 8 rows ~2 µs; 32 steps ~15-20 µs: ~25-35 µs in a CUDA graph. LLaVA-NeXT (N=2880, k_p=160, k=320): Gram
-1035 tiles ~35-45 µs, 4096-key sort ~10 µs, seed fold ~15 µs, 160 steps ~80-100 µs. float32 adds 3x the tensor-core
-work on the tiles (fine at B=1, ~3x on the tile phase at B=32).
+Cost estimate (H100; NOT measured -- no GPU was available while this was written):
+  FPS step on chip: dependent L2 load of a Gram row (~300-600 cycles) + argmax tree (5 shuffle levels of (value,
+    index) pairs + one shared-memory round across 4-8 warps, ~300-400 cycles) + ~12 ALU ops per element a thread
+    holds (4-16): ~0.4-0.6 µs, vs ~1.7 µs measured for the previous int64-key kernel.
+  LLaVA-1.5 bf16 (B=1, N=576, d=4096, L=64, k_p=32, k=64): 54 tiles of 64x64 in one wave, each streaming 1 MB of
+    bf16 from L2 (~5-9 µs); cover finish ~2-3 µs (overlapping the Gram tiles); seed fold 4 tiles ~1-2 µs; 32 steps
+    ~13-19 µs: ~22-32 µs in a CUDA graph. Eager adds the host path: this file's part is two allocations, a dict
+    lookup and one launch (~15-25 µs), on top of the registry's checks and fold resolution.
+  B=32: 1728 64-tiles exceed 2 waves, so 128x128 tiles (640 programs, 8 warps): ~27 GMAC, ~60-90 µs of tensor-core
+    work, the 32 per-sample FPS tails overlapping the tiles of later samples: ~2.5-3.5x B=1.
+  LLaVA-NeXT (N=2880, k_p=160, k=320): 299 tiles of 128x128 ~40-55 µs; seed fold 40 tiles ~10-15 µs (one SM);
+    160 steps at BLOCK_N=4096, 8 warps ~80-100 µs: ~130-160 µs.
+  float32: 3 tf32 MMAs per bf16 one on the tiles (tf32 rate is half of bf16): ~6x the tile phase, which B=1 hides
+    mostly behind the FPS (~1.3-1.8x bf16); at B=32 the tile phase dominates (~3-4x bf16).
 
-Knobs (all module-level or keyword arguments of the launchers, for tuning on a GPU): GRAM_BYTES, ONCHIP_MAX_N,
-SORT_MAX_N, COVER_FT; block_m (tile size; 64 below ~2 waves of tiles, else 128), num_warps (4 for BM=64 with
-BLOCK_N <= 2048, else 8), seed_rows, fin_block_n, sort_top.
+Knobs (module constants, or keyword arguments of the launchers for tests and tuning): GRAM_BYTES, ONCHIP_MAX_N,
+COVER_FT; block_m (64 while the 64-tiles fit ~2 waves, else 128), block_d, num_warps (4 with BM=64 and
+BLOCK_N <= 2048, else 8), seed_rows, cover_ft, fin_block_n, rank_block, onchip, rows_from_v, chunk.
 """
 
 from __future__ import annotations
@@ -61,7 +73,6 @@ import triton.language as tl
 
 GRAM_BYTES = 1 << 30  # per launch: the batch runs in chunks whose Gram matrices fit together
 ONCHIP_MAX_N = 8192  # FPS state in registers up to this N (next power of two), tiled beyond
-SORT_MAX_N = 4096  # top-k_p by one bitonic sort up to this N, k_p max passes beyond
 COVER_FT = 4  # cover tiles keep each row's FT best keys; folds above FT take the finisher's full passes
 
 _INT64_MAX = tl.constexpr(9223372036854775807)  # a jit-visible global must be a constexpr
@@ -241,9 +252,9 @@ def _cover_tile(vis_b, stride_vn, prompt_b, stride_pl, part_b, csim_b, f, t, N, 
 
 
 @triton.jit
-def _cover_finish(mask_b, part_b, ckey_b, csim_b, f, picks_b, count_ptr, N, L, k_p, T,
+def _cover_finish(mask_b, part_b, ckey_b, cand_b, csim_b, f, picks_b, count_ptr, N, L, k_p, T,
                   COVER_OUT: tl.constexpr, FT: tl.constexpr, RG: tl.constexpr, P_PAD: tl.constexpr,
-                  FIN_BN: tl.constexpr, RG2: tl.constexpr, SORT_TOP: tl.constexpr, SORT_BN: tl.constexpr):
+                  FIN_BN: tl.constexpr, RG2: tl.constexpr, RANK_B: tl.constexpr):
     for n0 in range(0, N, FIN_BN):
         i = n0 + tl.arange(0, FIN_BN)
         tl.store(ckey_b + i, tl.full([FIN_BN], -1, tl.int64), mask=i < N)
@@ -287,25 +298,29 @@ def _cover_finish(mask_b, part_b, ckey_b, csim_b, f, picks_b, count_ptr, N, L, k
                 col = tl.max(tl.where((key >= 0) & (key >= thr[:, None]), key, -1), 0)
                 tl.atomic_max(ckey_b + i, col, mask=(i < N) & (col >= 0), sem="relaxed", scope="cta")
     tl.debug_barrier()
-    # S_p: the k_p best covering keys (-1: not a candidate). .cg reads the scattered values from L2.
-    if SORT_TOP:
-        i = tl.arange(0, SORT_BN)
+    # S_p, the k_p best covering keys, without a sort: compact the candidates (key >= 0; .cg reads the scattered values
+    # from L2), then each candidate's rank = how many candidate keys beat it, and pick ranks < k_p go to their slot.
+    n_cand = tl.zeros([], tl.int32)
+    for n0 in range(0, N, FIN_BN):
+        i = n0 + tl.arange(0, FIN_BN)
         key = tl.load(ckey_b + i, mask=i < N, other=-1, cache_modifier=".cg")
-        ordered = tl.sort(key, descending=True)
-        tl.store(picks_b + i, tl.where(ordered >= 0, _key_index(ordered), -1), mask=i < k_p)
-        count = tl.minimum(tl.sum((key >= 0).to(tl.int32), 0), k_p)
-    else:
-        thr = tl.full([], _INT64_MAX, tl.int64)
-        count = tl.zeros([], tl.int32)
-        for q in range(k_p):
-            best = tl.full([], -1, tl.int64)
-            for n0 in range(0, N, FIN_BN):
-                i = n0 + tl.arange(0, FIN_BN)
-                key = tl.load(ckey_b + i, mask=i < N, other=-1, cache_modifier=".cg")
-                best = tl.maximum(best, tl.max(tl.where(key < thr, key, -1), 0))
-            tl.store(picks_b + q, tl.where(best >= 0, _key_index(best), -1))
-            count += (best >= 0).to(tl.int32)
-            thr = tl.where(best >= 0, best, thr)
+        is_c = key >= 0
+        tl.store(cand_b + n_cand + tl.cumsum(is_c.to(tl.int32), 0) - 1, key, mask=is_c)
+        n_cand += tl.sum(is_c.to(tl.int32), 0)
+    tl.debug_barrier()
+    for c0 in range(0, n_cand, RANK_B):
+        c = c0 + tl.arange(0, RANK_B)
+        mine = tl.load(cand_b + c, mask=c < n_cand, other=-1)
+        rank = tl.zeros([RANK_B], tl.int32)
+        for e0 in range(0, n_cand, RANK_B):
+            e = e0 + tl.arange(0, RANK_B)
+            other = tl.load(cand_b + e, mask=e < n_cand, other=-1)
+            rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), 1)
+        tl.store(picks_b + rank, _key_index(mine), mask=(c < n_cand) & (rank < k_p))
+    count = tl.minimum(n_cand, k_p)
+    for q0 in range(0, k_p, FIN_BN):
+        q = q0 + tl.arange(0, FIN_BN)
+        tl.store(picks_b + q, tl.full([FIN_BN], -1, tl.int64), mask=(q >= count) & (q < k_p))
     if COVER_OUT:
         tl.store(count_ptr, count.to(tl.int64))
 
@@ -387,6 +402,7 @@ def _fps_onchip(gram_b, stride_gn, norm_b, seeds_b, m, valid_b, num_picks_b, out
 @triton.jit
 def _row_chunk(gram_b, stride_gn, vis_b, stride_vn, norm_b, c, i, N, d,
                ROWS_FROM_V: tl.constexpr, CH: tl.constexpr, BD: tl.constexpr, EVEN_D: tl.constexpr):
+    # (BD here is the per-step dot's own d block, BDV, sized so that a [CH, BD] tile stays in registers.)
     # S[c, i] for one centre c and a chunk of indices i: a Gram row, or (no Gram) v_i · v_c times the inverse norms.
     c64 = c.to(tl.int64)
     if ROWS_FROM_V:
@@ -410,7 +426,7 @@ def _row_chunk(gram_b, stride_gn, vis_b, stride_vn, norm_b, c, i, N, d,
 @triton.jit
 def _fps_tiled(gram_b, stride_gn, vis_b, stride_vn, norm_b, seeds_b, m, valid_b, num_picks_b, out_b, dist_b, taken_b,
                N, d, k, ROWS_FROM_V: tl.constexpr, HAS_VALID: tl.constexpr, FILL_TO_K: tl.constexpr,
-               SORTED_UNION: tl.constexpr, CH: tl.constexpr, BD: tl.constexpr, EVEN_D: tl.constexpr):
+               SORTED_UNION: tl.constexpr, CH: tl.constexpr, BDV: tl.constexpr, EVEN_D: tl.constexpr):
     # The on-chip algorithm with dist / taken in the workspace, streamed in CH chunks (large N).
     for n0 in range(0, N, CH):
         i = n0 + tl.arange(0, CH)
@@ -423,7 +439,8 @@ def _fps_tiled(gram_b, stride_gn, vis_b, stride_vn, norm_b, seeds_b, m, valid_b,
         if c >= 0:
             for n0 in range(0, N, CH):
                 i = n0 + tl.arange(0, CH)
-                row = _row_chunk(gram_b, stride_gn, vis_b, stride_vn, norm_b, c, i, N, d, ROWS_FROM_V, CH, BD, EVEN_D)
+                row = _row_chunk(gram_b, stride_gn, vis_b, stride_vn, norm_b, c, i, N, d, ROWS_FROM_V, CH, BDV,
+                                 EVEN_D)
                 cur = tl.load(dist_b + i, mask=i < N, other=0.0)
                 tl.store(dist_b + i, _nan_min(cur, 1.0 - row), mask=i < N)
             tl.debug_barrier()
@@ -450,7 +467,7 @@ def _fps_tiled(gram_b, stride_gn, vis_b, stride_vn, norm_b, seeds_b, m, valid_b,
             i = n0 + tl.arange(0, CH)
             cur = tl.load(dist_b + i, mask=i < N, other=0.0)
             if prev >= 0:  # fold the previous pick in while the chunk is loaded anyway
-                row = _row_chunk(gram_b, stride_gn, vis_b, stride_vn, norm_b, prev, i, N, d, ROWS_FROM_V, CH, BD,
+                row = _row_chunk(gram_b, stride_gn, vis_b, stride_vn, norm_b, prev, i, N, d, ROWS_FROM_V, CH, BDV,
                                  EVEN_D)
                 cur = _nan_min(cur, 1.0 - row)
                 tl.store(dist_b + i, cur, mask=i < N)
@@ -496,12 +513,14 @@ def _regions(ws, B, N, L, k_p, P):
     norm = ws  # [B, N] float32 raw norms
     part = norm + (B * N + 1) // 2 * 2  # [B, L, P] int64 partial cover keys
     ckey = part + 2 * B * L * P  # [B, N] int64 covering keys
-    seeds = ckey + 2 * B * N  # [B, k_p] int64 cover picks (select)
+    cand = ckey + 2 * B * N  # [B, N] int64 the candidates' keys, compacted
+    seeds = cand + 2 * B * N  # [B, k_p] int64 cover picks (select)
     csim = seeds + 2 * B * k_p  # [B, L, N] float32 cover similarities (f > FT only)
     dist = csim + (B * L * N + 1) // 2 * 2  # [B, N] float32 (tiled FPS)
     taken = dist + B * N  # [B, N] int32 (tiled FPS)
-    return (norm, part.to(tl.pointer_type(tl.int64)), ckey.to(tl.pointer_type(tl.int64)),
-            seeds.to(tl.pointer_type(tl.int64)), csim, dist, taken.to(tl.pointer_type(tl.int32)))
+    i64 = tl.pointer_type(tl.int64)
+    return (norm, part.to(i64), ckey.to(i64), cand.to(i64), seeds.to(i64), csim, dist,
+            taken.to(tl.pointer_type(tl.int32)))
 
 
 @triton.jit
@@ -514,14 +533,14 @@ def _mob_kernel(
     ROWS_FROM_V: tl.constexpr, HAS_VALID: tl.constexpr, FILL_TO_K: tl.constexpr, SORTED_UNION: tl.constexpr,
     PREC: tl.constexpr, EVEN_D: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr,
     FT: tl.constexpr, RG: tl.constexpr, P_PAD: tl.constexpr, FIN_BN: tl.constexpr, RG2: tl.constexpr,
-    SORT_TOP: tl.constexpr, SORT_BN: tl.constexpr, BLOCK_N: tl.constexpr, SEED_ROWS: tl.constexpr, CH: tl.constexpr,
+    RANK_B: tl.constexpr, BLOCK_N: tl.constexpr, SEED_ROWS: tl.constexpr, CH: tl.constexpr, BDV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     b64 = b.to(tl.int64)
     T = tl.cdiv(N, BM)
-    norm_r, part_r, ckey_r, seed_r, csim_r, dist_r, taken_r = _regions(ws_ptr + ws_off, tl.num_programs(1), N, L,
-                                                                       k_p, T * FT)
+    norm_r, part_r, ckey_r, cand_r, seed_r, csim_r, dist_r, taken_r = _regions(ws_ptr + ws_off, tl.num_programs(1),
+                                                                                N, L, k_p, T * FT)
     vis_b = vis_ptr + b64 * stride_vb
     gram_b = gram_ptr + b64 * stride_gb
     norm_b = norm_r + b64 * N
@@ -551,8 +570,8 @@ def _mob_kernel(
                     picks_b = out_ptr + b64 * k_p
                 else:
                     picks_b = seed_r + b64 * k_p
-                _cover_finish(mask_ptr + b64 * L, part_b, ckey_r + b64 * N, csim_b, f, picks_b, count_ptr + b, N, L,
-                              k_p, T, COVER_OUT, FT, RG, P_PAD, FIN_BN, RG2, SORT_TOP, SORT_BN)
+                _cover_finish(mask_ptr + b64 * L, part_b, ckey_r + b64 * N, cand_r + b64 * N, csim_b, f, picks_b,
+                              count_ptr + b, N, L, k_p, T, COVER_OUT, FT, RG, P_PAD, FIN_BN, RG2, RANK_B)
                 go += 1
     if pid >= n_cov:
         t = pid - n_cov
@@ -583,7 +602,7 @@ def _mob_kernel(
                 else:
                     _fps_tiled(gram_b, stride_gn, vis_b, stride_vn, norm_b, seeds_b, n_seed, valid_b,
                                num_picks_ptr + b, out_b, dist_r + b64 * N, taken_r + b64 * N, N, d, k, ROWS_FROM_V,
-                               HAS_VALID, FILL_TO_K, SORTED_UNION, CH, BD, EVEN_D)
+                               HAS_VALID, FILL_TO_K, SORTED_UNION, CH, BDV, EVEN_D)
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
@@ -622,7 +641,7 @@ def _tickets(dev: torch.device, n: int) -> torch.Tensor:
 def _ws_floats(B: int, N: int, L: int, k_p: int, P: int) -> int:
     """Float32 elements of the regions after the Gram (mirrors ``_regions``)."""
     even = lambda x: (x + 1) // 2 * 2  # noqa: E731
-    return even(B * N) + 2 * B * L * P + 2 * B * N + 2 * B * k_p + even(B * L * N) + 2 * B * N
+    return even(B * N) + 2 * B * L * P + 4 * B * N + 2 * B * k_p + even(B * L * N) + 2 * B * N
 
 
 @functools.lru_cache(maxsize=512)
@@ -652,20 +671,21 @@ def _plan(B, N, L, d, k_p, m, dtype, interp, sms, cover, gram, norms, fps, rows_
         ft = 0
     p_pad = _p2(T * ft)
     fin_bn = kn.get("fin_block_n") or min(max(_p2(N), 16), 4096 if interp else 1024)
-    sort_top = kn.get("sort_top")
-    sort_top = (not interp) if sort_top is None else sort_top  # tl.sort is very slow in the interpreter
-    sort_top = bool(sort_top and cover and N <= SORT_MAX_N)
+    ch = kn.get("chunk") or min(block_n, 4096 if interp else 1024)
+    bdv = bd if interp else 32  # the per-step dot of the no-Gram path: a [CH, BDV] tile in registers
+    if rows_from_v and not interp:
+        ch = min(ch, 256)
     seed_rows = kn.get("seed_rows")
     if seed_rows is None:  # one seed tile holds ~64 Gram values per thread
         seed_rows = max(1, min(_p2(m), (1 << 16 if interp else 64 * 32 * warps) // block_n))
     return dict(
         const=dict(
             COVER=cover, GRAM=gram, NORMS=norms, FPS=(1 if onchip else 2) if fps else 0, ROWS_FROM_V=rows_from_v,
-            PREC=prec, EVEN_D=d % bd == 0, BM=bm, BL=bl, BD=bd, NB=min(max(_p2(N), 16), 128) if interp else 16,
-            FT=ft, RG=max(1, min(_p2(L), 2048 // p_pad)), P_PAD=p_pad, FIN_BN=fin_bn,
-            RG2=max(1, min(_p2(L), 2048 // fin_bn)), SORT_TOP=sort_top, SORT_BN=block_n if sort_top else 16,
-            BLOCK_N=block_n if onchip else 16, SEED_ROWS=seed_rows,
-            CH=kn.get("chunk") or min(block_n, 4096 if interp else 1024),
+            PREC=prec, EVEN_D=d % bd == 0 and d % bdv == 0, BM=bm, BL=bl, BD=bd,
+            NB=min(max(_p2(N), 16), 128) if interp else 16, FT=ft, RG=max(1, min(_p2(L), 2048 // p_pad)), P_PAD=p_pad,
+            FIN_BN=fin_bn, RG2=max(1, min(_p2(L), 2048 // fin_bn)),
+            RANK_B=kn.get("rank_block") or (256 if interp else 64),
+            BLOCK_N=block_n if onchip else 16, SEED_ROWS=seed_rows, CH=ch, BDV=bdv,
         ),
         T=T, num_warps=warps, num_stages=3 if half else 2,
     )
@@ -739,7 +759,7 @@ def gram(vis: torch.Tensor, *, block_m: int | None = None) -> torch.Tensor:
 def prompt_cover(vis, prompt, mask, k_p, fold, **knobs):
     """MoB's prompt cover: ``vis`` [B, N, d], ``prompt`` [B, L, d], ``mask`` [B, L] bool, ``fold`` [B] int64 (each
     sample's f). Returns (picks [B, k_p] int64 by descending score, -1 padded; count [B] int64). ``knobs``: block_m,
-    block_d, cover_ft, fin_block_n, sort_top, num_warps (tests force every path with them)."""
+    block_d, cover_ft, fin_block_n, rank_block, num_warps (tests force every path with them)."""
     B, N, d = vis.shape
     L = prompt.shape[1]
     dev = vis.device
