@@ -198,8 +198,11 @@ def _dpp_kernel(vis_ptr, rel_ptr, valid_ptr, ws_ptr, ticket_ptr, order_ptr, gain
                   rest + 2 * nb * N + b * k * N, order_ptr + b * k, gain_ptr + b * k, N, k, CH, TB)
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when triton is imported, so read once
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 # Ticket counters cached per (device, stream): every launch leaves them at 0, launches on one stream run in order, so

@@ -608,8 +608,11 @@ def _mob_kernel(
 # ------------------------------------------------------------------------------------------------------ launchers
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when triton is imported, so read once
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def _p2(x: int) -> int:
@@ -691,6 +694,30 @@ def _plan(B, N, L, d, k_p, m, dtype, interp, sms, cover, gram, norms, fps, rows_
     )
 
 
+@functools.lru_cache(maxsize=512)
+def _launch_plan(B, N, L, d, k_p, m, k, dtype, interp, sms, gram_bytes, cover, cover_out, gram_out, has_sim, fps,
+                 has_valid, fill_to_k, sorted_union, knobs):
+    """Everything a call needs that its shapes and modes decide: the launch keywords, grid width, batch chunk and
+    workspace size (cached, so a repeated call spends its host time on two allocations and the launch)."""
+    kn = dict(knobs)
+    rows_from_v = fps and not has_sim and (bool(kn.pop("rows_from_v", False)) or N * N * 4 > gram_bytes)
+    gram = gram_out or (fps and not has_sim and not rows_from_v)
+    internal_gram = gram and not gram_out
+    norms = fps and not gram
+    plan = _plan(B, N, L, d, k_p, max(m, k_p), dtype, interp, sms, cover, gram, norms, fps, rows_from_v,
+                 tuple(sorted(kn.items())))
+    const, T = plan["const"], plan["T"]
+    per_call = min(B, 65535, max(1, gram_bytes // (N * N * 4)) if internal_gram else B)
+    g_floats = (per_call * N * N + 3) // 4 * 4 if internal_gram else 0
+    ws_floats = g_floats + _ws_floats(per_call, N, L, k_p, T * const["FT"])
+    n_prog = (-(-L // const["BL"]) * T if cover else 0) + (T * (T + 1) // 2 if gram else 0)
+    n_prog += -(-N // const["NB"]) if norms else 0
+    launch = dict(const, COVER_OUT=cover_out, HAS_VALID=has_valid, FILL_TO_K=fill_to_k, SORTED_UNION=sorted_union,
+                  num_warps=plan["num_warps"], num_stages=plan["num_stages"], enable_fp_fusion=False)
+    strides = (N * N, N) if gram else (0, 0)
+    return launch, n_prog, per_call, g_floats, ws_floats, strides
+
+
 def _run(vis, out, *, k=0, prompt=None, mask=None, fold=None, k_p=0, seed=None, num_picks=None, valid=None, sim=None,
          count=None, cover=False, cover_out=False, gram_out=None, fps=False, fill_to_k=False, sorted_union=False,
          knobs=()):
@@ -700,39 +727,28 @@ def _run(vis, out, *, k=0, prompt=None, mask=None, fold=None, k_p=0, seed=None, 
     L = prompt.shape[1] if cover else 0
     k_p = k_p if cover else 0
     m = seed.shape[1] if seed is not None else 0
-    kn = dict(knobs)
-    rows_from_v = fps and sim is None and (bool(kn.pop("rows_from_v", False)) or N * N * 4 > GRAM_BYTES)
-    gram = gram_out is not None or (fps and sim is None and not rows_from_v)
-    internal_gram = gram and gram_out is None
-    norms = fps and not gram
-    sms = _sm_count(dev.index) if dev.type == "cuda" else 132
-    plan = _plan(B, N, L, d, k_p, max(m, k_p), vis.dtype, _interpreting(), sms, cover, gram, norms, fps,
-                 rows_from_v, tuple(sorted(kn.items())))
-    const, T = plan["const"], plan["T"]
-    per_call = min(B, 65535, max(1, GRAM_BYTES // (N * N * 4)) if internal_gram else B)
-    g_floats = (per_call * N * N + 3) // 4 * 4 if internal_gram else 0
-    ws = torch.empty(g_floats + _ws_floats(per_call, N, L, k_p, T * const["FT"]), dtype=torch.float32, device=dev)
+    launch, n_prog, per_call, g_floats, ws_floats, (sgb, sgn) = _launch_plan(
+        B, N, L, d, k_p, m, k, vis.dtype, _interpreting(), _sm_count(dev.index) if dev.type == "cuda" else 132,
+        GRAM_BYTES, cover, cover_out, gram_out is not None, sim is not None, fps, valid is not None, fill_to_k,
+        sorted_union, knobs)
+    ws = torch.empty(ws_floats, dtype=torch.float32, device=dev)
     tickets = _tickets(dev, 2 * per_call) if (cover or fps) else ws
     g_src = sim if sim is not None else gram_out if gram_out is not None else ws
-    sgb, sgn = (sim.stride(0), sim.stride(1)) if sim is not None else (N * N, N) if gram else (0, 0)
-    n_prog = (triton.cdiv(L, const["BL"]) * T if cover else 0) + (T * (T + 1) // 2 if gram else 0)
-    n_prog += triton.cdiv(N, const["NB"]) if norms else 0
+    if sim is not None:
+        sgb, sgn = sim.stride(0), sim.stride(1)
+    ps = (prompt.stride(0), prompt.stride(1)) if cover else (0, 0)
     for b0 in range(0, B, per_call):
         nb = min(B, b0 + per_call) - b0
+        one = nb == B  # the common single chunk: no views at all
 
-        def part(x, b0=b0, nb=nb):  # this chunk's rows (no view at all for the common single chunk)
-            return x if nb == B or x is None else x[b0 : b0 + nb]
+        def part(x, b0=b0, nb=nb):  # this chunk's rows; unused pointer arguments get ``out``
+            return out if x is None else x if one else x[b0 : b0 + nb]
 
         vb = part(vis)
         _mob_kernel[(n_prog, nb)](
-            vb, part(prompt) if cover else out, part(mask) if cover else out, part(fold) if cover else out,
-            part(seed) if m else out, part(num_picks) if num_picks is not None else out,
-            part(valid) if valid is not None else out, ws if g_src is ws else part(g_src), ws, tickets, part(out),
-            part(count) if count is not None else out,
-            N, L, d, k_p, m, k, g_floats,
-            vb.stride(0), vb.stride(1), prompt.stride(0) if cover else 0, prompt.stride(1) if cover else 0, sgb, sgn,
-            COVER_OUT=cover_out, HAS_VALID=valid is not None, FILL_TO_K=fill_to_k, SORTED_UNION=sorted_union,
-            **const, num_warps=plan["num_warps"], num_stages=plan["num_stages"], enable_fp_fusion=False,
+            vb, part(prompt), part(mask), part(fold), part(seed if m else None), part(num_picks), part(valid),
+            ws if g_src is ws else part(g_src), ws, tickets, part(out), part(count),
+            N, L, d, k_p, m, k, g_floats, vb.stride(0), vb.stride(1), ps[0], ps[1], sgb, sgn, **launch,
         )
     return out
 
