@@ -803,8 +803,8 @@ def farthest_point_sample(vis, seed, num_picks, k, valid=None, sim=None, **knobs
     _check_n(N)
     if sim is not None and sim.stride(2) != 1:
         sim = sim.contiguous()
-    return _run(vis, out, k=k, seed=seed if seed.shape[1] else None, num_picks=num_picks, valid=valid, sim=sim,
-                fps=True, knobs=_knobs(knobs))
+    seed = seed.contiguous() if seed.shape[1] else None
+    return _run(vis, out, k=k, seed=seed, num_picks=num_picks, valid=valid, sim=sim, fps=True, knobs=_knobs(knobs))
 
 
 def select(vis, prompt, mask, k_p, k, fold, **knobs):
