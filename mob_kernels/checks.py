@@ -92,10 +92,28 @@ def same_device(name: str, x: Tensor, vis: Tensor) -> None:
         raise ValueError(f"{name} must be on vis's device {vis.device}, got {name}.device={x.device}")
 
 
-def mask(name: str, m: object, B: int, L: int, unbatched: bool, vis: Tensor) -> Tensor:
+_FILLED: dict[tuple, Tensor] = {}
+
+
+def filled(shape: tuple[int, ...], value: bool | int, dtype: torch.dtype, device: torch.device, reuse: bool) -> Tensor:
+    """A tensor of ``value`` that no kernel ever writes (a default mask, a constant per-sample count). On CUDA, with
+    ``reuse`` (real tensors, outside graph capture), one is kept per shape and value and handed out again: an eager
+    call then launches no fill kernel for it."""
+    if reuse and device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        key = (shape, value, dtype, device)
+        got = _FILLED.get(key)
+        if got is None:
+            if len(_FILLED) >= 256:  # many distinct shapes: start over rather than grow without bound
+                _FILLED.clear()
+            got = _FILLED[key] = torch.full(shape, value, dtype=dtype, device=device)
+        return got
+    return torch.full(shape, value, dtype=dtype, device=device)
+
+
+def mask(name: str, m: object, B: int, L: int, unbatched: bool, vis: Tensor, reuse: bool = False) -> Tensor:
     """A bool mask ``[B, L]`` (or ``[L]`` when unbatched); None means all True. Returned ``[B, L]`` contiguous."""
     if m is None:
-        return torch.ones(B, L, dtype=torch.bool, device=vis.device)
+        return filled((B, L), True, torch.bool, vis.device, reuse)
     if not isinstance(m, Tensor):
         raise TypeError(f"{name} must be a bool torch.Tensor or None, got {type(m).__name__}")
     if m.dtype != torch.bool:

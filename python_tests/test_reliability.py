@@ -22,8 +22,10 @@ from mob_testing import assert_valid, backends, is_slow, problem
 @pytest.mark.parametrize(
     "backend",
     [
-        pytest.param(b, marks=pytest.mark.xfail(strict=True, reason="Triton's CPU interpreter keeps global state "
-                                                 "(grid_dim, the active builder): not thread-safe; GPU Triton is"))
+        # Whether the interpreter's race shows up is random; there is nothing of ours to test. Compiled Triton (GPU)
+        # runs the test.
+        pytest.param(b, marks=pytest.mark.skip(reason="Triton's CPU interpreter keeps global state (grid_dim, the "
+                                                      "active builder) and is not thread-safe; GPU Triton is"))
         if is_slow(b) else b
         for b in backends()
     ],

@@ -31,15 +31,17 @@ def prompt_budget(k: int) -> int:
     return k // 3
 
 
-def resolve_fold(k_p: int, fold: int, mask: Tensor, n: int) -> Tensor:
+def resolve_fold(k_p: int, fold: int, mask: Tensor, n: int, all_valid: bool = False, reuse: bool = False) -> Tensor:
     """Each sample's neighbour count ``f`` (contract §3.1.2), as int64 ``[B]`` on the mask's device: ``min(fold, N)``,
-    or with ``fold = 0`` ``min(max(1, ceil(k_p / L_valid)), N)``; 0 for a sample with no valid prompt row. The one
-    place the automatic fold is resolved: every backend reads ``f`` from here."""
+    or with ``fold = 0`` ``min(max(1, ceil(k_p / L_valid)), N)`` (0 for a sample with no valid prompt row, which has
+    no candidates anyway). The one place the automatic fold is resolved: every backend reads ``f`` from here. When
+    every prompt row is valid (``all_valid``) or the fold is given, ``f`` is one number, and no kernel computes it."""
+    B, L = mask.shape
+    if fold > 0 or all_valid:
+        f = min(fold, n) if fold > 0 else (min(max(1, -(-k_p // L)), n) if L > 0 else 0)
+        return checks.filled((B,), f, torch.int64, mask.device, reuse)
     n_valid = mask.sum(1)
-    if fold > 0:
-        f = torch.full_like(n_valid, min(fold, n))
-    else:
-        f = torch.div(k_p + n_valid - 1, n_valid.clamp_min(1), rounding_mode="floor").clamp(1, max(n, 1))
+    f = torch.div(k_p + n_valid - 1, n_valid.clamp_min(1), rounding_mode="floor").clamp(1, max(n, 1))
     return torch.where(n_valid > 0, f, 0)
 
 
@@ -64,26 +66,30 @@ def _compose_fps(P, vis, seed, num_picks, k, valid, sim):
 # ----------------------------------------------------------------------------------------------------------- checks
 
 
-def _prepare_cover_inputs(vis, prompt, prompt_mask):
+def _prepare_cover_inputs(vis, prompt, prompt_mask, data):
     v, unbatched = checks.batched("vis", vis)
     p = checks.companion("prompt", prompt, v, unbatched)
-    mask = checks.mask("prompt_mask", prompt_mask, v.shape[0], p.shape[1], unbatched, v)
+    mask = checks.mask("prompt_mask", prompt_mask, v.shape[0], p.shape[1], unbatched, v, reuse=data)
     return v, p, mask, unbatched
 
 
+def _fold(k_p, fold, mask, n, prompt_mask, data):
+    return resolve_fold(k_p, checks.as_int("fold", fold), mask, n, all_valid=prompt_mask is None, reuse=data)
+
+
 def _prepare_select(vis, prompt, k_p, k, *, fold=0, prompt_mask=None, backend="auto", data=True) -> Prepared:
-    v, p, mask, unbatched = _prepare_cover_inputs(vis, prompt, prompt_mask)
+    v, p, mask, unbatched = _prepare_cover_inputs(vis, prompt, prompt_mask, data)
     k = checks.budget("k", k, v.shape[1], "N (the number of visual tokens)")
     k_p = checks.budget("k_p", k_p, k, "k")
-    f = resolve_fold(k_p, checks.as_int("fold", fold), mask, v.shape[1])
+    f = _fold(k_p, fold, mask, v.shape[1], prompt_mask, data)
     inputs = dict(vis=v, prompt=p, mask=mask, k_p=k_p, k=k, fold=f)
     return prepared(inputs, v, checks.backend_name(backend), unbatched, data)
 
 
 def _prepare_prompt_cover(vis, prompt, k_p, *, fold=0, prompt_mask=None, backend="auto", data=True) -> Prepared:
-    v, p, mask, unbatched = _prepare_cover_inputs(vis, prompt, prompt_mask)
+    v, p, mask, unbatched = _prepare_cover_inputs(vis, prompt, prompt_mask, data)
     k_p = checks.budget("k_p", k_p, v.shape[1], "N (the number of visual tokens)")
-    f = resolve_fold(k_p, checks.as_int("fold", fold), mask, v.shape[1])
+    f = _fold(k_p, fold, mask, v.shape[1], prompt_mask, data)
     inputs = dict(vis=v, prompt=p, mask=mask, k_p=k_p, fold=f)
     return prepared(inputs, v, checks.backend_name(backend), unbatched, data)
 
