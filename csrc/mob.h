@@ -1,7 +1,7 @@
 // The raw-pointer interface shared by the C++ CPU backend, the CUDA backend and the pybind11 bindings.
 //
 // No libtorch: tensors arrive as data pointers, sizes and element strides, features tagged by dtype. Arithmetic is
-// float32 whatever the input dtype (SPEC.md §2). Outputs are int64 and fully written by every call: no partial result.
+// float32 whatever the input dtype (docs/contract.md §1.2). Outputs are int64 and fully written by every call: no partial result.
 // Element (b, i, c) of a feature batch lives at data[b * batch_stride + i * row_stride + c] (unit stride in d).
 #pragma once
 #include <cstdint>
@@ -17,7 +17,7 @@ struct Features {
   int64_t row_stride;    // elements
 };
 
-// SPEC §2 steps 0-2. picks [B, k_p] by descending covering score, -1 padded; count [B].
+// Prompt cover (contract §3.1.2). picks [B, k_p] by descending covering score, -1 padded; count [B].
 // mask [B, L] (true = real prompt row). fold [B]: each sample's neighbour count f in [0, N], resolved by the caller
 // (mob_kernels/methods/mob.py resolve_fold is the one place the automatic fold is computed).
 void prompt_cover_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt, const bool* mask,
@@ -34,7 +34,7 @@ struct Square {
 // of the raw rows accumulated in float32. Exactly symmetric (the upper triangle is computed and mirrored).
 void gram_cpu(int64_t B, int64_t N, int64_t d, Features vis, float* out);
 
-// SPEC §2 step 3. seed [B, m] (-1 = none) are taken and seed the distances; tokens where valid [B, N] is false
+// Farthest point sampling (contract §2.3). seed [B, m] (-1 = none) are taken and seed the distances; tokens where valid [B, N] is false
 // (valid == nullptr: all valid) are never picked; sample b makes min(num_picks[b], k, untaken valid) picks, written
 // to out [B, k] in selection order, -1 padded. With no seed the first pick is the largest raw norm among the valid
 // tokens. With sim.data set, the distance to centre c is 1 - sim[c, i] instead of a computed one.
@@ -60,7 +60,7 @@ void cdpruner_cpu(int64_t B, int64_t N, int64_t d, Features vis, const float* re
 // lowest-index other tokens to k; out [B, k] sorted ascending.
 void divprune_cpu(int64_t B, int64_t N, int64_t d, Features vis, const bool* valid, int64_t k, int64_t* out);
 
-// SPEC §2 whole: out [B, k] sorted ascending.
+// MoB select (contract §3.1): out [B, k] sorted ascending.
 void select_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt, const bool* mask,
                 int64_t k_p, int64_t k, const int64_t* fold, int64_t* out);
 

@@ -1,4 +1,4 @@
-// Helpers shared by the CPU kernels: SPEC.md's ordering rules and per-sample row access.
+// Helpers shared by the CPU kernels: the contract's ordering rules (docs/contract.md §1.5) and per-sample row access.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -24,7 +24,7 @@ inline int64_t work(std::initializer_list<int64_t> factors) {
   return n < 0 ? INT64_MAX : n;
 }
 
-// "Largest, ties to the lower index" (SPEC §2): a ranks before b.
+// "Largest, ties to the lower index" (contract §1.5): a ranks before b.
 inline bool ranks_before(float a, int64_t ia, float b, int64_t ib) { return a > b || (a == b && ia < ib); }
 
 // The cosine similarity of tokens i and j from the dot product of their raw rows and inv = 1 / max(|v|, eps), rounded

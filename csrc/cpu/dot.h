@@ -1,7 +1,7 @@
 // Row dot products in float32 for the CPU backend: the only arithmetic-heavy part of MoB selection.
 //
 // dot_tile computes a block of dot products a_i . b_j between rows of two feature batches, reading float32, float16
-// or bfloat16 and accumulating in float32 (SPEC.md §2: "all arithmetic in float32"). The raw (unnormalised) rows are
+// or bfloat16 and accumulating in float32 (contract §1.2: "all arithmetic is float32"). The raw (unnormalised) rows are
 // multiplied and callers divide by the norms afterwards: a product of two bfloat16 or float16 values is exact in
 // float32, so this keeps reference-level accuracy while reading each input once, with no converted copy.
 //

@@ -1,4 +1,4 @@
-// CPU farthest point sampling: SPEC.md §2 step 3, exact, with lazy distance updates.
+// CPU farthest point sampling: docs/contract.md §2.3, exact, with lazy distance updates.
 //
 // dist(i) = min over centres c of 1 - dot(v_i, v_c) / (max(|v_i|, eps) max(|v_c|, eps)) (common.h cosine). Distances
 // only shrink (a NaN, once there, stays and ranks lowest), so a token's stored distance bounds its true one from above

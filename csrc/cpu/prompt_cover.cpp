@@ -1,4 +1,4 @@
-// CPU prompt cover: SPEC.md §2 steps 0-2, one sample at a time.
+// CPU prompt cover: docs/contract.md §3.1.2, one sample at a time.
 //
 // sim[j, i] = dot(p_j, v_i) / (max(|p_j|, eps) max(|v_i|, eps)) for the valid prompt rows j: a float32 matrix product
 // through dot_tile, in blocks of visual rows that stay in L2 while every prompt row streams past, blocks split across

@@ -1,4 +1,4 @@
-// CPU select: SPEC.md §2 whole, per sample: prompt cover, FPS seeded by the cover for k - count picks, sorted union.
+// CPU select: MoB, docs/contract.md §3.1, per sample: prompt cover, FPS seeded by the cover for k - count picks, sorted union.
 // Every entry point checks its sizes and pointers with csrc/checks.h first, repeating the Python checks, so that a
 // direct caller of the extension can never make the kernels read or write out of bounds or through a null pointer:
 // they throw (pybind11 turns that into ValueError) instead.
