@@ -37,10 +37,14 @@ from transformers import (  # noqa: E402
 import mob_kernels  # noqa: E402
 from mob_kernels.integrations import (  # noqa: E402
     FPS_COLOUR,
+    METHODS,
     PROMPT_COLOUR,
+    ROLE_COLOURS,
+    ROLES,
     SUPPORTED_TRANSFORMERS,
     UnsupportedModelError,
     apply_mob,
+    apply_pruning,
     draw_kept_patches,
 )
 
@@ -339,6 +343,93 @@ def test_generate_sampling_and_qwen2_video(qwen2):
     assert out.shape == (1, kw["input_ids"].shape[1] + 4)
 
 
+# ------------------------------------------------------------------------------------- every method: apply_pruning
+
+
+def _method_case(which, seed):
+    """Inputs, image tokens per image, placeholder id and number of images for one model."""
+    if which == "llava":
+        ids, px = llava_inputs([1, 5, 6], [7, 8, 9, 10, 11], n_images=2, seed=seed)
+        return dict(input_ids=ids, pixel_values=px), N_LLAVA, IMG, 2
+    kw, n = qwen_inputs(seed=seed)
+    return kw, n, Q_IMG, 1
+
+
+@pytest.mark.parametrize("which", ["llava", "qwen2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_keep_all_exact_budget_per_image_and_cached_generate(request, method, which):
+    model = request.getfixturevalue(which)
+    kw, n, token, n_images = _method_case(which, seed=31)
+    ids = kw["input_ids"]
+    L = ids.shape[1]
+    ref = logits(model, **kw)
+    with apply_pruning(model, method, budget=n) as h:
+        assert torch.equal(logits(model, **kw), ref)
+        assert h.keep_index.shape == (1, L)
+
+    embeds, pos = _capture_lm_inputs(model, **kw)
+    pos = torch.arange(L).unsqueeze(0) if pos is None else pos
+    budget, steps = 5, 5
+    with apply_pruning(model, method, budget=budget) as h, torch.no_grad():
+        # The papers' settings: MoB before layer 2 with the original positions; DivPrune and CDPruner on the projector
+        # output, numbered contiguously where positions are 1-D.
+        assert (h.mode, h.positions) == (("layer", "keep") if method == "mob" else
+                                         ("input", "keep" if which == "qwen2" else "compact"))
+        assert logits(model, **kw).shape[1] == L - n_images * (n - budget)
+        kept_ids = ids[0, h.keep_index[0]]
+        assert int((kept_ids == token).sum()) == n_images * budget and torch.equal(kept_ids[kept_ids != token],
+                                                                                   ids[0][ids[0] != token])
+        assert [len(r.indices) for r in h.kept[0]] == [budget] * n_images
+        for r in h.kept[0]:
+            assert r.method == method and len(r.roles) == budget and set(r.roles) <= set(ROLES[method])
+            for role in ROLES[method]:
+                assert torch.equal(r.role_indices(role), r.indices[[x == role for x in r.roles]])
+            if method == "mob":
+                assert r.roles.count("prompt") <= mob_kernels.prompt_budget(budget)
+                assert r.from_prompt.tolist() == [x == "prompt" for x in r.roles]
+            elif method == "divprune":
+                assert r.roles.count("isolated") == 1 and not r.from_prompt.any()
+            else:
+                assert r.relevance is not None and r.relevance.shape == (budget,)
+        records = h.kept
+        if method != "mob":  # input mode: the methods' own ops on the projector output, the prompt after the image
+            starts = [r.start for r in records[0]]
+            prompt = embeds[:, starts[-1] + n:]
+            for r in records[0]:
+                vis = embeds[:, r.start:r.start + n]
+                if method == "divprune":
+                    expect = mob_kernels.divprune(vis, budget)
+                else:
+                    rel = mob_kernels.cdpruner_relevance(vis, prompt)
+                    expect = mob_kernels.cdpruner(vis, rel, budget)
+                    torch.testing.assert_close(r.relevance, rel[0, r.indices])
+                assert torch.equal(r.indices, expect[0])
+        out = model.generate(**kw, max_new_tokens=steps, do_sample=False)
+        keep, mode, layer, compact = h.keep_index, h.mode, h.layer, h.positions == "compact"
+    gen = out[:, L:]
+    assert gen.shape[1] == steps
+    pos = _extend_positions(pos, steps)
+    with torch.no_grad():
+        for t in range(steps):
+            r = _reference_logits(model, embeds, pos[..., : L + t], keep, gen[:, :t], layer=layer, mode=mode,
+                                  compact=compact)
+            assert int(r.argmax(-1)) == int(gen[0, t]), f"step {t}"
+
+
+def test_apply_pruning_arguments(llava, qwen2):
+    with pytest.raises(ValueError, match="method must be one of"):
+        apply_pruning(llava, "fastv")
+    with pytest.raises(ValueError, match="prompt_budget and fold are MoB's"):
+        apply_pruning(llava, "divprune", prompt_budget=3)
+    with pytest.raises(ValueError, match="compact"):
+        apply_pruning(qwen2, "cdpruner", positions="compact")
+    with apply_pruning(llava, "divprune", mode="layer", positions="keep", layer=1) as h:
+        assert (h.method, h.mode, h.positions, h.layer) == ("divprune", "layer", "keep", 1)
+    with apply_mob(llava) as h:
+        assert (h.method, h.mode, h.positions) == ("mob", "layer", "keep")
+    assert not llava.model._forward_pre_hooks and not qwen2.model._forward_pre_hooks
+
+
 # ---------------------------------------------------------------------------------------------- batches and lengths
 
 
@@ -542,3 +633,16 @@ def test_draw_kept_patches_png_over_a_real_photo(llava, tmp_path):
             assert out.getpixel(centre) == tuple(int(v * 0.3) for v in o)
     with pytest.raises(ValueError, match="grid"):
         draw_kept_patches(photo, rec, grid=(3, 4))
+
+
+def test_draw_colours_each_role(llava):
+    ids, px = llava_inputs([1, 5], [7, 8, 9, 10], seed=25)
+    with apply_pruning(llava, "divprune", budget=5) as h:
+        logits(llava, input_ids=ids, pixel_values=px)
+        rec = h.kept[0][0]
+    out = draw_kept_patches(torch.full((112, 112, 3), 200, dtype=torch.uint8), rec)
+    cell = 112 // 4
+    for i, role in zip(rec.indices.tolist(), rec.roles):
+        r, c = divmod(i, 4)
+        assert out.getpixel((c * cell, r * cell + cell // 2)) == ROLE_COLOURS[role]
+    assert rec.roles.count("isolated") == 1 and ROLE_COLOURS["isolated"] not in (PROMPT_COLOUR, FPS_COLOUR)

@@ -1,31 +1,42 @@
-"""MoB pruning inside Hugging Face transformers models (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
+"""Visual-token pruning inside Hugging Face transformers models (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
 
-    from mob_kernels.integrations import apply_mob, draw_kept_patches
-    handle = apply_mob(model, budget=64, layer=2)        # hooks only; handle.remove() undoes it
+    from mob_kernels.integrations import apply_pruning, draw_kept_patches
+    handle = apply_pruning(model, "mob", budget=64, layer=2)   # or "divprune", "cdpruner"; hooks only
     out = model.generate(**inputs, max_new_tokens=32)
     draw_kept_patches(image, handle.kept[0][0], size=336, path="kept.png")
+    handle.remove()                                            # the model is exactly as before
 
-Needs ``transformers`` in ``SUPPORTED_TRANSFORMERS`` (checked when ``apply_mob`` runs) and Pillow for the drawing.
+``apply_mob(model, ...)`` is ``apply_pruning(model, "mob", ...)``. Needs ``transformers`` in
+``SUPPORTED_TRANSFORMERS`` (checked when the hooks are applied) and Pillow for the drawing.
 """
 
-from .draw import FPS_COLOUR, PROMPT_COLOUR, draw_kept_patches
+from .draw import FPS_COLOUR, PROMPT_COLOUR, ROLE_COLOURS, draw_kept_patches
 from .hf import (
+    METHODS,
+    ROLES,
     SUPPORTED_MODEL_TYPES,
     SUPPORTED_TRANSFORMERS,
     KeptImage,
     MobHandle,
+    PruningHandle,
     UnsupportedModelError,
     apply_mob,
+    apply_pruning,
 )
 
 __all__ = [
+    "apply_pruning",
     "apply_mob",
     "draw_kept_patches",
+    "PruningHandle",
     "MobHandle",
     "KeptImage",
     "UnsupportedModelError",
+    "METHODS",
+    "ROLES",
     "SUPPORTED_TRANSFORMERS",
     "SUPPORTED_MODEL_TYPES",
     "PROMPT_COLOUR",
     "FPS_COLOUR",
+    "ROLE_COLOURS",
 ]

@@ -1,9 +1,11 @@
-"""Draw what MoB kept: the kept patches of one image over the image itself, as a PIL image (and optionally a PNG).
+"""Draw what a pruning method kept: the kept patches of one image over the image itself, as a PIL image (and
+optionally a PNG).
 
 A :class:`~mob_kernels.integrations.hf.KeptImage` holds token indices in row-major order over the projector's patch
 grid (LLaVA-1.5: 24 x 24 over the 336 x 336 input; Qwen2-VL: ``(h / merge) x (w / merge)``). The picture is the image
-resized to the model's input view, dropped patches dimmed, prompt-cover picks outlined in one colour and
-farthest-point-sampling picks in another, so both halves of the MoB budget can be told apart.
+resized to the model's input view, dropped patches dimmed, each kept patch outlined in its role's colour: for MoB
+prompt-cover picks in one colour and farthest-point-sampling picks in another, so both halves of the budget can be told
+apart; DivPrune's first (most isolated) pick and CDPruner's DPP and relevance picks have theirs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,14 @@ import torch
 
 PROMPT_COLOUR = (255, 140, 0)  # orange: chosen by the prompt cover
 FPS_COLOUR = (0, 200, 255)  # cyan: chosen by farthest point sampling
+ROLE_COLOURS = {
+    "prompt": PROMPT_COLOUR,
+    "fps": FPS_COLOUR,
+    "isolated": (255, 0, 200),  # magenta: DivPrune's first pick
+    "diverse": FPS_COLOUR,
+    "dpp": (120, 220, 0),  # green: CDPruner's greedy DPP picks
+    "relevance": PROMPT_COLOUR,  # CDPruner's completion by relevance
+}
 
 
 def draw_kept_patches(image, kept, *, grid: tuple[int, int] | None = None, size: int | tuple[int, int] | None = None,
@@ -22,9 +32,10 @@ def draw_kept_patches(image, kept, *, grid: tuple[int, int] | None = None, size:
     """Return (and save to ``path`` as PNG when given) ``image`` with the patches not in ``kept`` dimmed.
 
     ``image``: a PIL image or an ``[H, W, 3]`` uint8 array / tensor. ``kept``: a ``KeptImage`` (or anything with
-    ``indices``, ``from_prompt`` and ``num_tokens``). ``grid``: (rows, cols) of the patch grid; default a square grid
-    of ``num_tokens``. ``size``: the model's input view to resize to first (LLaVA-1.5: 336); default: no resize.
-    ``dim``: brightness left to dropped patches (0 = black)."""
+    ``indices``, ``from_prompt`` and ``num_tokens``; its ``roles``, when present, pick the ``ROLE_COLOURS``).
+    ``grid``: (rows, cols) of the patch grid; default a square grid of ``num_tokens``. ``size``: the model's input
+    view to resize to first (LLaVA-1.5: 336); default: no resize. ``dim``: brightness left to dropped patches
+    (0 = black)."""
     from PIL import Image, ImageDraw
 
     if not isinstance(image, Image.Image):
@@ -50,6 +61,7 @@ def draw_kept_patches(image, kept, *, grid: tuple[int, int] | None = None, size:
     ys = [round(r * H / rows) for r in range(rows + 1)]
     kept_set = {int(i) for i in kept.indices}
     from_prompt = {int(i) for i, p in zip(kept.indices, kept.from_prompt) if bool(p)}
+    roles = dict(zip((int(i) for i in kept.indices), getattr(kept, "roles", ()) or ()))
 
     out = image.copy()
     dark = Image.eval(image, lambda v: int(v * dim))
@@ -62,7 +74,7 @@ def draw_kept_patches(image, kept, *, grid: tuple[int, int] | None = None, size:
     width = max(1, min(W // cols, H // rows) // 12)
     for cell in sorted(kept_set):
         r, c = divmod(cell, cols)
-        colour = PROMPT_COLOUR if cell in from_prompt else FPS_COLOUR
+        colour = ROLE_COLOURS[roles[cell]] if cell in roles else PROMPT_COLOUR if cell in from_prompt else FPS_COLOUR
         pen.rectangle((xs[c], ys[r], xs[c + 1] - 1, ys[r + 1] - 1), outline=colour, width=width)
     if path is not None:
         out.save(path, format="PNG")

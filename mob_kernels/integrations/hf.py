@@ -1,13 +1,16 @@
-"""MoB visual-token pruning inside Hugging Face transformers 5.x vision-language models, through module hooks only.
+"""Visual-token pruning (MoB, DivPrune, CDPruner) inside Hugging Face transformers 5.x vision-language models, through
+module hooks only.
 
-What it computes (MoB, docs/contract.md §3.1, applied to a real model): at prefill, every image's (or video's) run of
-placeholder tokens is cut to ``budget`` tokens chosen by ``mob_kernels.select``:
+What it computes (docs/contract.md §3 applied to a real model): at prefill, every image's (or video's) run of
+placeholder tokens is cut to ``budget`` tokens chosen by the method's op (``mob_kernels.select``,
+``mob_kernels.divprune``, ``mob_kernels.cdpruner``), with the method's budget rule (``mob_kernels.budget_arguments``):
 
 * layer mode (the MoB paper's): the features are the hidden states entering decoder layer ``layer`` passed through the
   language model's final norm; the prompt is the text after the last image of the row, padding excluded. Layers
   ``>= layer`` then run on the kept tokens only: hidden states, position ids, cos/sin (Qwen's M-RoPE included), the
   attention mask and their KV cache follow the kept tokens; layers ``< layer`` see the whole sequence.
-* input mode: the same selection on the merged input embeddings (projector output), before the first layer.
+* input mode (DivPrune's and CDPruner's): the same selection on the merged input embeddings (projector output),
+  before the first layer.
 
 How it maps onto the models: forward pre-hooks with kwargs on ``model.model`` (to see ``input_ids`` and the 2-D
 mask), on ``model.model.language_model`` (input mode, and to find the KV cache) and on ``language_model.layers[i]``
@@ -24,10 +27,11 @@ the row; left padding is fine) so that every row prunes to the same length; othe
 the rows have to be run separately. We raise rather than re-pad because re-padding would change the keys every
 later layer attends to and the decode positions, which the KV-cache equivalence guarantees rely on.
 
-Positions: ``positions="keep"`` (default, what MoB does) keeps each kept token's original position, so positions have
-gaps and decode steps continue from the original prompt length. ``positions="compact"`` re-indexes the kept tokens
-contiguously (1-D positions only, i.e. LLaVA / LLaVA-NeXT; Qwen's M-RoPE grid positions have no contiguous
-equivalent, so it raises there).
+Positions: ``positions="keep"`` (MoB's default) keeps each kept token's original position, so positions have gaps
+and decode steps continue from the original prompt length. ``positions="compact"`` (DivPrune's and CDPruner's
+default, as their papers run the language model on the shorter sequence) re-indexes the kept tokens contiguously
+(1-D positions only, i.e. LLaVA / LLaVA-NeXT; Qwen's M-RoPE grid positions have no contiguous equivalent, so asking
+for it raises there and DivPrune and CDPruner keep the original positions on Qwen).
 
 Versions: ``SUPPORTED_TRANSFORMERS`` is the range the test suite runs on (``make test`` runs the integration tests on
 its lowest and highest ends). One adapter spans it: before 5.17 the Qwen rotary embedding returns cos/sin per M-RoPE
@@ -45,6 +49,7 @@ import torch
 from torch import Tensor
 
 import mob_kernels
+from mob_kernels.methods import most_isolated
 
 # The range the hooks are tested on: ``make test`` runs python_tests/test_integrations.py with the lowest supported
 # release (the Makefile's TRANSFORMERS_LOWEST) and the highest (its TEST_DEPS pin). The hook points (no
@@ -121,13 +126,27 @@ def _resolve_prompt_budget(prompt_budget: int | float | None, k: int) -> int:
 # ------------------------------------------------------------------------------------------------------- the records
 
 
+# Why a token was kept, per method (``KeptImage.roles``): MoB's prompt cover and farthest point sampling; DivPrune's
+# most isolated first pick and the farthest point picks after it; CDPruner's greedy DPP picks and, when the DPP ran out
+# of rank before the budget, the most relevant remaining tokens.
+ROLES = {
+    "mob": ("prompt", "fps"),
+    "divprune": ("isolated", "diverse"),
+    "cdpruner": ("dpp", "relevance"),
+}
+METHODS = tuple(ROLES)
+# The selection op of each method in mob_kernels (and its name for mob_kernels.budget_arguments).
+_OPS = {"mob": "select", "divprune": "divprune", "cdpruner": "cdpruner"}
+
+
 @dataclasses.dataclass
 class KeptImage:
-    """What was kept of one image (or video) run in one batch row.
+    """What was kept of one image (or video) run in one batch row, and why.
 
     ``indices`` are sorted positions within the image's own tokens (``0 .. num_tokens - 1``, row-major over the
-    projector's patch grid); ``from_prompt`` marks those chosen by the prompt cover, the rest came from farthest point
-    sampling. ``start`` is where the run begins in the row's unpruned sequence."""
+    projector's patch grid); ``roles[i]`` says why ``indices[i]`` was kept (one of ``ROLES[method]``); ``from_prompt``
+    marks MoB's prompt-cover picks (all False for the other methods). ``relevance`` (CDPruner) is each kept token's
+    relevance to the prompt. ``start`` is where the run begins in the row's unpruned sequence."""
 
     row: int
     image: int
@@ -135,6 +154,15 @@ class KeptImage:
     num_tokens: int
     indices: Tensor
     from_prompt: Tensor
+    method: str = "mob"
+    roles: tuple[str, ...] = ()
+    relevance: Tensor | None = None
+
+    def role_indices(self, role: str) -> Tensor:
+        """The kept indices whose role is ``role``."""
+        if role not in ROLES[self.method]:
+            raise ValueError(f"{self.method} records roles {ROLES[self.method]}, got role={role!r}")
+        return self.indices[torch.tensor([r == role for r in self.roles], dtype=torch.bool)]
 
     @property
     def prompt_indices(self) -> Tensor:
@@ -185,6 +213,11 @@ def _index_seq(x: Tensor, idx: Tensor) -> Tensor:
     return x[rows, idx.to(x.device)]
 
 
+def _isin_rows(x: Tensor, y: Tensor) -> Tensor:
+    """``x[b, i] in y[b]`` for ``x`` ``[B, k]`` and ``y`` ``[B, m]`` (``-1`` padding in ``y`` matches nothing)."""
+    return (x.unsqueeze(2) == y.unsqueeze(1)).any(dim=2) if y.numel() else torch.zeros_like(x, dtype=torch.bool)
+
+
 def _index_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """Gather ``x[..., b, idx[b], :]`` for ``x`` of shape ``[..., B or 1, L, d]``: the rotary cos/sin, ``[B, L, d]``,
     or ``[3, B, L, d]`` (one per M-RoPE axis) from Qwen before transformers 5.17."""
@@ -195,11 +228,13 @@ def _index_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, -2, index)
 
 
-class MobHandle:
-    """Returned by :func:`apply_mob`. ``remove()`` takes every hook off; ``kept`` is the last prefill's record."""
+class PruningHandle:
+    """Returned by :func:`apply_pruning` and :func:`apply_mob`. ``remove()`` takes every hook off; ``kept`` is the
+    last prefill's record."""
 
-    def __init__(self, model, *, budget, prompt_budget, fold, layer, mode, positions, backend, record):
+    def __init__(self, model, *, method="mob", budget, prompt_budget, fold, layer, mode, positions, backend, record):
         self.model = model
+        self.method = method
         self.budget = budget
         self.prompt_budget = prompt_budget
         self.fold = fold
@@ -236,7 +271,7 @@ class MobHandle:
 
     # ----------------------------------------------------------------------------------------------- public
     def remove(self) -> None:
-        """Take every hook off. The model is then exactly what it was before ``apply_mob``."""
+        """Take every hook off. The model is then exactly what it was before ``apply_pruning``."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -341,19 +376,20 @@ class MobHandle:
         records: list[list[KeptImage]] = [[] for _ in range(B)]
         for j, (_, n) in enumerate(runs[0] if runs else []):
             k = _resolve_budget(self.budget, n)
-            k_p = _resolve_prompt_budget(self.prompt_budget, k)
             starts = torch.tensor([runs[b][j][0] for b in range(B)], device=dev)
             v_idx = starts.unsqueeze(1) + torch.arange(n, device=dev)
             vis = _index_seq(feats, v_idx)
-            picks = mob_kernels.select(vis, prompt, k_p, k, fold=self.fold, prompt_mask=p_mask, backend=self.backend)
+            picks, roles, relevance = self._choose(vis, prompt, p_mask, k)
             keep_mask.scatter_(1, torch.gather(v_idx, 1, picks), True)
             if self.record:
-                cover, _ = mob_kernels.prompt_cover(vis, prompt, k_p, fold=self.fold, prompt_mask=p_mask,
-                                                    backend=self.backend)
+                names = ROLES[self.method]
                 for b in range(B):
+                    role = tuple(names[int(r)] for r in roles[b])
                     records[b].append(KeptImage(
                         row=b, image=j, start=int(starts[b]), num_tokens=n, indices=picks[b].cpu(),
-                        from_prompt=torch.isin(picks[b], cover[b]).cpu(),
+                        from_prompt=torch.tensor([r == "prompt" for r in role], dtype=torch.bool),
+                        method=self.method, roles=role,
+                        relevance=None if relevance is None else relevance[b].gather(0, picks[b]).cpu(),
                     ))
         keep = keep_mask.nonzero()[:, 1].view(B, -1)
         self.kept = records
@@ -363,6 +399,40 @@ class MobHandle:
         self._call.keep = keep
         self.selection_seconds += time.perf_counter() - t0
         return keep
+
+    def _choose(self, vis: Tensor, prompt: Tensor, p_mask: Tensor, k: int):
+        """One image's kept indices ``[B, k]`` (sorted) by the handle's method; with ``record``, also each pick's role
+        (``[B, k]``, an index into ``ROLES[method]``) and, for CDPruner, the relevance ``[B, N]``."""
+        args = mob_kernels.budget_arguments(_OPS[self.method], k)
+        relevance = roles = None
+        if self.method == "mob":
+            k_p = args["k_p"] if self.prompt_budget is None else _resolve_prompt_budget(self.prompt_budget, k)
+            picks = mob_kernels.select(vis, prompt, k_p, args["k"], fold=self.fold, prompt_mask=p_mask,
+                                       backend=self.backend)
+            if self.record:
+                cover, _ = mob_kernels.prompt_cover(vis, prompt, k_p, fold=self.fold, prompt_mask=p_mask,
+                                                    backend=self.backend)
+                roles = (~_isin_rows(picks, cover)).long()
+        elif self.method == "divprune":
+            picks = mob_kernels.divprune(vis, args["k"], backend=self.backend)
+            if self.record:
+                P = self._primitives(vis)
+                first = most_isolated(P.gram(vis), torch.isfinite(vis).all(dim=-1))
+                roles = (picks != first.unsqueeze(1)).long()
+        else:
+            relevance = mob_kernels.cdpruner_relevance(vis, prompt, p_mask)
+            picks = mob_kernels.cdpruner(vis, relevance, args["k"], backend=self.backend)
+            if self.record:
+                ok = torch.isfinite(vis).all(dim=-1) & torch.isfinite(relevance)
+                order, _ = self._primitives(vis).dpp_greedy(vis, relevance, ok, args["k"])
+                roles = (~_isin_rows(picks, order)).long()
+        return picks, roles, relevance
+
+    def _primitives(self, vis: Tensor):
+        """The backend object behind ``self.backend`` for ``vis``'s device (for the records' roles)."""
+        from mob_kernels.registry import get_backend
+
+        return get_backend(mob_kernels.resolve_backend(self.backend, vis.device))
 
     def _compact_positions(self, pos: Tensor, keep: Tensor, length: int) -> Tensor:
         """Original 1-D positions ``[B, L]`` of the kept tokens, minus the tokens dropped before each of them."""
@@ -513,6 +583,87 @@ class MobHandle:
 # --------------------------------------------------------------------------------------------------------- front door
 
 
+def apply_pruning(
+    model,
+    method: str = "mob",
+    *,
+    budget: int | float = 64,
+    prompt_budget: int | float | None = None,
+    fold: int | None = None,
+    layer: int = 2,
+    mode: str | None = None,
+    positions: str | None = None,
+    backend: str = "auto",
+    record: bool = True,
+) -> PruningHandle:
+    """Prune each image's visual tokens inside ``model`` (a transformers 5.x LLaVA-1.5, LLaVA-NeXT, Qwen2-VL or
+    Qwen2.5-VL ``...ForConditionalGeneration``) with ``method``. Returns a :class:`PruningHandle`;
+    ``handle.remove()`` undoes it.
+
+    ``method``: ``"mob"`` (``mob_kernels.select``), ``"divprune"`` (``mob_kernels.divprune``) or ``"cdpruner"``
+    (``mob_kernels.cdpruner`` with ``mob_kernels.cdpruner_relevance``); each spends ``budget`` per image through
+    ``mob_kernels.budget_arguments``. Defaults follow each paper: MoB prunes before decoder layer ``layer`` and keeps
+    the original positions; DivPrune and CDPruner prune the projector output before the first layer (``mode="input"``)
+    and number the kept tokens contiguously (``positions="compact"``; on Qwen's M-RoPE, which has no contiguous
+    equivalent, they keep the original grid positions). ``mode`` and ``positions`` override these for any method.
+
+    CDPruner's relevance is approximated with the model's own tensors: the released code takes the negative mean
+    cosine between CLIP's projected image embeddings and CLIP's text embeddings of the instruction; these models carry
+    no CLIP text tower, so here the image side is the features the selection runs on (the projector output in input
+    mode, the normed hidden states entering ``layer`` in layer mode) and the text side is the same features of the
+    prompt's tokens (the text after the row's last image), i.e. the language model's space instead of CLIP's. The DPP's
+    similarity is taken on the same image features (the released code uses the vision tower's).
+
+    ``budget``: tokens kept per image (an int, clipped to the image's token count, or a float keep-ratio).
+    ``prompt_budget`` (MoB only): how many of them cover the prompt (int, float ratio of ``budget``, or None: the
+    package's rule). ``fold`` (MoB only): neighbours per prompt token (None: ``ceil(K_p / prompt length)``).
+    ``layer``: the decoder layer before which layer-mode pruning happens. ``mode``: ``"layer"`` or ``"input"``.
+    ``positions``: ``"keep"`` or ``"compact"``. ``backend``: passed to the selection op. ``record``: keep per-image
+    records of what was kept and why (``handle.kept``; costs one extra pass of the method's first stage per image).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
+    _check_transformers_version()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"apply_pruning supports model_type in {SUPPORTED_MODEL_TYPES} (LlavaForConditionalGeneration, "
+            f"LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration); "
+            f"got {type(model).__name__} with model_type={model_type!r}"
+        )
+    if not hasattr(model, "model") or not hasattr(model.model, "language_model"):
+        raise UnsupportedModelError(
+            "apply_pruning needs the ...ForConditionalGeneration class (model.model.language_model), "
+            f"got {type(model).__name__}"
+        )
+    mrope = model_type in ("qwen2_vl", "qwen2_5_vl")
+    if mode is None:
+        mode = "layer" if method == "mob" else "input"
+    if positions is None:
+        positions = "keep" if method == "mob" or mrope else "compact"
+    if mode not in ("layer", "input"):
+        raise ValueError(f"mode must be 'layer' or 'input', got mode={mode!r}")
+    if positions not in ("keep", "compact"):
+        raise ValueError(f"positions must be 'keep' or 'compact', got positions={positions!r}")
+    if positions == "compact" and mrope:
+        raise ValueError(
+            "positions='compact' is defined for 1-D positions only; Qwen's M-RoPE grid positions have no contiguous "
+            "equivalent, use positions='keep'"
+        )
+    n_layers = len(model.model.language_model.layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ValueError(f"layer must be an int in [0, {n_layers}), got layer={layer!r}")
+    _resolve_budget(budget, 1 << 30)  # argument checks only
+    if method != "mob" and (prompt_budget is not None or fold is not None):
+        raise ValueError(f"prompt_budget and fold are MoB's; method={method!r} takes neither")
+    _resolve_prompt_budget(prompt_budget, 1 << 30)
+    if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int) or fold < 0):
+        raise ValueError(f"fold must be None or an int >= 0, got fold={fold!r}")
+    mob_kernels.resolve_backend(backend, next(model.parameters()).device)
+    return PruningHandle(model, method=method, budget=budget, prompt_budget=prompt_budget, fold=fold, layer=layer,
+                         mode=mode, positions=positions, backend=backend, record=record)
+
+
 def apply_mob(
     model,
     *,
@@ -524,47 +675,11 @@ def apply_mob(
     positions: str = "keep",
     backend: str = "auto",
     record: bool = True,
-) -> MobHandle:
-    """Prune each image's visual tokens with MoB inside ``model`` (a transformers 5.x LLaVA-1.5, LLaVA-NeXT, Qwen2-VL or
-    Qwen2.5-VL ``...ForConditionalGeneration``). Returns a :class:`MobHandle`; ``handle.remove()`` undoes it.
+) -> PruningHandle:
+    """``apply_pruning(model, "mob", ...)``: MoB inside ``model``, before decoder layer ``layer`` by default, original
+    positions kept. The arguments are :func:`apply_pruning`'s."""
+    return apply_pruning(model, "mob", budget=budget, prompt_budget=prompt_budget, fold=fold, layer=layer, mode=mode,
+                         positions=positions, backend=backend, record=record)
 
-    ``budget``: tokens kept per image (an int, clipped to the image's token count, or a float keep-ratio).
-    ``prompt_budget``: how many of them cover the prompt (int, float ratio of ``budget``, or None: the package's rule
-    ``mob_kernels.prompt_budget``).
-    ``fold``: neighbours per prompt token (None: ``ceil(K_p / prompt length)``). ``layer``: the decoder layer before
-    which layer-mode pruning happens. ``mode``: ``"layer"`` or ``"input"``. ``positions``: ``"keep"`` or ``"compact"``.
-    ``backend``: passed to ``mob_kernels.select``. ``record``: keep per-image records of what was kept
-    (``handle.kept``; costs one extra prompt-cover pass per image).
-    """
-    _check_transformers_version()
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"apply_mob supports model_type in {SUPPORTED_MODEL_TYPES} (LlavaForConditionalGeneration, "
-            f"LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration); "
-            f"got {type(model).__name__} with model_type={model_type!r}"
-        )
-    if not hasattr(model, "model") or not hasattr(model.model, "language_model"):
-        raise UnsupportedModelError(
-            "apply_mob needs the ...ForConditionalGeneration class (model.model.language_model), "
-            f"got {type(model).__name__}"
-        )
-    if mode not in ("layer", "input"):
-        raise ValueError(f"mode must be 'layer' or 'input', got mode={mode!r}")
-    if positions not in ("keep", "compact"):
-        raise ValueError(f"positions must be 'keep' or 'compact', got positions={positions!r}")
-    if positions == "compact" and model_type in ("qwen2_vl", "qwen2_5_vl"):
-        raise ValueError(
-            "positions='compact' is defined for 1-D positions only; Qwen's M-RoPE grid positions have no contiguous "
-            "equivalent, use positions='keep'"
-        )
-    n_layers = len(model.model.language_model.layers)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ValueError(f"layer must be an int in [0, {n_layers}), got layer={layer!r}")
-    _resolve_budget(budget, 1 << 30)  # argument checks only
-    _resolve_prompt_budget(prompt_budget, 1 << 30)
-    if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int) or fold < 0):
-        raise ValueError(f"fold must be None or an int >= 0, got fold={fold!r}")
-    mob_kernels.resolve_backend(backend, next(model.parameters()).device)
-    return MobHandle(model, budget=budget, prompt_budget=prompt_budget, fold=fold, layer=layer, mode=mode,
-                     positions=positions, backend=backend, record=record)
+
+MobHandle = PruningHandle  # the name apply_mob's handle had first
