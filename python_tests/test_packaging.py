@@ -117,6 +117,11 @@ assert_type(mob_kernels.divprune(vis, 8, valid=None), torch.Tensor)
 relevance = mob_kernels.cdpruner_relevance(vis, prompt, text_mask=mask)
 assert_type(relevance, torch.Tensor)
 assert_type(mob_kernels.cdpruner(vis, relevance, 8), torch.Tensor)
+importance = torch.rand(2, 32)
+kept, role = mob_kernels.d2pruner(vis, importance, 8)
+assert_type(mob_kernels.d2pruner(vis, importance, 8, pivot_ratio=0.5), tuple[torch.Tensor, torch.Tensor])
+assert_type(role, torch.Tensor)
+assert_type(mob_kernels.btp_stage(vis, importance, 8, mode="union", n_attn=4, n_div=4), torch.Tensor)
 assert_type(mob_kernels.available_backends(), list[str])
 assert_type(mob_kernels.available_backends(torch.device("cpu")), list[str])
 assert_type(mob_kernels.resolve_backend("auto", "cpu"), str)
@@ -154,6 +159,8 @@ mob_kernels.cdpruner(vis, 8)  # error
 n: int = mob_kernels.available_backends()  # error
 budget: dict[str, str] = mob_kernels.budget_arguments("select", 64)  # error
 half: str = mob_kernels.prompt_budget(64)  # error
+only_keep: torch.Tensor = mob_kernels.d2pruner(vis, torch.rand(2, 32), 8)  # error
+mob_kernels.btp_stage(vis, torch.rand(2, 32), 8)  # error
 fine: torch.Tensor = mob_kernels.divprune(vis, 8)
 '''
 
