@@ -228,8 +228,9 @@ def build_checkpoint(model_type: str, path: str):
     placeholder string a prompt uses for one image."""
     import transformers as tf
 
+    # A large initializer range makes attention sharp, so that positions (which tokens sit where) change the output.
     text = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2, max_position_embeddings=1024)
+                num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.15)
     clip = dict(patch_size=14, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     if model_type in ("llava", "llava_next"):
         tok = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"],
@@ -359,7 +360,7 @@ class HFRun:
         self.image_id = getattr(cfg, "image_token_id", None) or cfg.image_token_index
 
     def generate(self, prompt, images, method: str | None, budget: int, monkeypatch=None):
-        from mob_kernels.integrations import apply_mob
+        from mob_kernels import integrations
 
         inputs = self.proc(text=prompt, images=images, return_tensors="pt")
         captured = {}
@@ -370,13 +371,16 @@ class HFRun:
 
         hook = self.model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
         handle = None
-        if method is not None:
-            if method == "divprune":  # the integration has no DivPrune: keep what mob_kernels.divprune keeps
+        positions = "keep" if self.mrope else "compact"
+        if method == "divprune" and hasattr(integrations, "apply_pruning"):
+            handle = integrations.apply_pruning(self.model, "divprune", budget=budget, mode="input", layer=0,
+                                                positions=positions)
+        elif method is not None:
+            if method == "divprune":  # an integration without DivPrune: the hooks keep what mob_kernels.divprune keeps
                 monkeypatch.setattr(mob_kernels, "select",
                                     lambda vis, prompt, k_p, k, **kw: mob_kernels.divprune(vis, k))
-            handle = apply_mob(self.model, budget=budget, mode="input", layer=0,
-                               prompt_budget=0 if method == "fps" else None,
-                               positions="keep" if self.mrope else "compact")
+            handle = integrations.apply_mob(self.model, budget=budget, mode="input", layer=0,
+                                            prompt_budget=0 if method == "fps" else None, positions=positions)
         try:
             with torch.no_grad():
                 out = self.model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
@@ -409,7 +413,7 @@ def _recompute(method: str, feats, prompt, k):
 
 def _match_record(records, feats, tail=None):
     """The selection vLLM made on this image's encoder output (for MoB, for this text after the last image)."""
-    hits = [r for r in records if r["features"].shape == feats.shape
+    hits = [r for r in records if r["event"] == "select" and r["features"].shape == feats.shape
             and torch.allclose(r["features"].float(), feats.float(), atol=1e-4, rtol=1e-4)
             and (tail is None or r["prompt_ids"].tolist() == tail)]
     assert len(hits) >= 1, "no vLLM selection was made on this image's encoder output"
@@ -470,7 +474,7 @@ def test_vllm_matches_transformers(checkpoint, monkeypatch):
         outs, records = run_vllm(path, method, model_type, reqs)
         # one selection per distinct image (FPS, DivPrune: the encoder cache serves a repeated image) or per
         # distinct (image, text after the last image) (MoB)
-        assert 0 < len(records) <= sum(len(imgs) for _, imgs in reqs)
+        assert 0 < len([r for r in records if r["event"] == "select"]) <= sum(len(imgs) for _, imgs in reqs)
         for (prompt, imgs), out in zip(reqs, outs):
             ref = hf.generate(prompt, imgs, method, k, monkeypatch=monkeypatch)
             # the prefill: transformers' prompt with every image run cut to k placeholders
@@ -501,3 +505,101 @@ def test_plugin_entry_point_is_registered():
 
     eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.value.startswith("mob_kernels")]
     assert [ep.value for ep in eps] == ["mob_kernels.integrations.vllm:register"]
+
+
+@pytest.fixture(scope="module")
+def llava_checkpoint(tmp_path_factory, vllm_env):
+    path = str(tmp_path_factory.mktemp("llava_cache"))
+    return path, build_checkpoint("llava", path)
+
+
+@needs_vllm
+@pytest.mark.parametrize("method", ["fps", "mob"])
+def test_encoder_and_prefix_caches(llava_checkpoint, method):
+    """FPS keys its selection by the image alone: a second request with the same text before the same image reuses
+    the image's KV blocks from the prefix cache and runs no new selection, whatever text follows. MoB keys it by the
+    image and the text after it: different text after the image re-selects and reuses only the blocks before the image;
+    the same text again reuses the image's blocks too. (Block size 32: the 48 text tokens and the 16 image tokens
+    fill two blocks.)"""
+    from vllm import LLM, SamplingParams
+
+    path, placeholder = llava_checkpoint
+    china = photos()[0].resize(IMAGE_SIZE["llava"])
+    prefix = " ".join(f"w{i}" for i in range(50, 98))  # 48 tokens: with the 16 image tokens, two blocks of 32
+    k = BUDGET["llava"]
+    llm = LLM(path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0, block_size=32,
+              enable_prefix_caching=True, hf_overrides={"mob_kernels": {"method": method, "budget": k}})
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+
+        def run(tail):
+            before = len(mv.RECORDS)
+            out = llm.generate({"prompt": f"{prefix} {placeholder} {tail}", "multi_modal_data": {"image": china}},
+                               params, use_tqdm=False)[0]
+            return out.num_cached_tokens, len(mv.RECORDS) - before  # LLaVA records selections only
+
+        mv.RECORDS.clear()
+        assert run("w90 w91 w92")[1] == 1
+        cached, selections = run("w93 w94")
+        if method == "fps":
+            assert (cached, selections) == (48 + k, 0)  # both blocks, the one holding the image included
+        else:
+            assert (cached, selections) == (32, 1)  # the first block only: the image's block hashes differ
+        assert run("w90 w91 w92") == (48 + k, 0)
+    finally:
+        _shutdown(llm)
+
+
+@needs_vllm
+def test_chunked_prefill_keeps_qwen_positions(tmp_path_factory, vllm_env, monkeypatch):
+    """Prefill in chunks of 8 tokens, so images (12 kept tokens) are split across steps: the grid offsets travel with
+    each token's embedding, and generation still equals transformers' input mode."""
+    path = str(tmp_path_factory.mktemp("qwen_chunked"))
+    placeholder = build_checkpoint("qwen2_vl", path)
+    reqs = requests_for("qwen2_vl", placeholder)
+    hf = HFRun(path)
+    outs, records = run_vllm(path, "mob", "qwen2_vl", reqs, enable_chunked_prefill=True, max_num_batched_tokens=8,
+                             enable_prefix_caching=False)
+    merged = [r["image_tokens"] for r in records if r["event"] == "merge"]
+    assert merged and max(merged) <= 8 and sum(merged) == 4 * BUDGET["qwen2_vl"]  # images split across steps
+    for (prompt, imgs), out in zip(reqs, outs):
+        ref = hf.generate(prompt, imgs, "mob", BUDGET["qwen2_vl"], monkeypatch=monkeypatch)
+        assert list(out.outputs[0].token_ids) == ref["tokens"]
+        got = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+        assert max(abs(a - b) for a, b in zip(got, ref["logprobs"])) < LOGPROB_TOL
+
+
+@needs_vllm
+def test_environment_settings_in_a_separate_engine_process(llava_checkpoint, tmp_path):
+    """vLLM's default: the engine core in its own process. The plugin is loaded there through the entry point and
+    reads the MOB_VLLM_* environment; the prompt holds k tokens and generation equals the in-process run's."""
+    import subprocess
+    import sys
+
+    path, placeholder = llava_checkpoint
+    reqs = requests_for("llava", placeholder)[:2]
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import json, sys\n"
+        "from vllm import LLM, SamplingParams\n"
+        "sys.path.insert(0, %r)\n"
+        "from test_vllm import requests_for\n"
+        "if __name__ == '__main__':\n"
+        "    reqs = requests_for('llava', %r)[:2]\n"
+        "    llm = LLM(%r, dtype='float32', enforce_eager=True, max_model_len=512, seed=0)\n"
+        "    p = SamplingParams(temperature=0.0, max_tokens=%d, ignore_eos=True)\n"
+        "    outs = llm.generate([{'prompt': q, 'multi_modal_data': {'image': i[0]}} for q, i in reqs], p,\n"
+        "                        use_tqdm=False)\n"
+        "    print('RESULT', json.dumps([[o.prompt_token_ids, list(o.outputs[0].token_ids)] for o in outs]))\n"
+        % (os.path.dirname(__file__), placeholder, path, MAX_TOKENS))
+    env = {key: v for key, v in os.environ.items() if key not in ("VLLM_ENABLE_V1_MULTIPROCESSING", mv.ENV_RECORD)}
+    env.update(MOB_VLLM_METHOD="mob", MOB_VLLM_BUDGET=str(BUDGET["llava"]))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    import json
+
+    got = json.loads(lines[0][len("RESULT "):])
+    outs, _ = run_vllm(path, "mob", "llava", reqs)
+    assert got == [[o.prompt_token_ids, list(o.outputs[0].token_ids)] for o in outs]
+    assert all(ids.count(4) == BUDGET["llava"] for ids, _ in got)

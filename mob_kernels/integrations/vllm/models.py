@@ -207,7 +207,7 @@ class _MobModelMixin:
             if grids is not None:
                 offsets = grid_offsets(keep, grids[j])
                 kept = torch.cat([kept, encode_offsets(offsets, kept.dtype).to(kept.device)], dim=1)
-            record(model_type=self.config.model_type, method=cfg.method, features=feats, kept=keep,
+            record(event="select", model_type=self.config.model_type, method=cfg.method, features=feats, kept=keep,
                    prompt=prompts[j], prompt_ids=None if prompt_ids is None else (
                        prompt_ids[j] if isinstance(prompt_ids, (list, tuple)) or prompt_ids.dim() == 2
                        else prompt_ids),
@@ -268,27 +268,32 @@ class _MobMRopeMixin(_MobModelMixin):
         from vllm.multimodal.utils import copy_mm_embedding_modality
 
         d = self._mob_hidden
-        cleaned, offsets = [], []
+        cleaned, offsets, pruned = [], [], 0
         for e in embeddings:
             if e.shape[-1] == d + OFFSET_CHANNELS:
                 offsets.append(decode_offsets(e[:, d:]))
                 cleaned.append(copy_mm_embedding_modality(e, e[:, :d]))
-            else:
+                pruned += e.shape[0]
+            else:  # a video (never pruned): its placeholders already hold their grid positions
                 offsets.append(torch.zeros(e.shape[0], 3, dtype=torch.int64, device=e.device))
                 cleaned.append(e)
-        off = torch.cat([o.to(offsets[0].device) for o in offsets])
-        if bool(off.any()):
+        if pruned:
+            off = torch.cat([o.to(offsets[0].device) for o in offsets])
             idx = is_multimodal.nonzero().flatten()
             if idx.numel() != off.shape[0]:
-                raise RuntimeError(f"mob_kernels vLLM plugin: {off.shape[0]} image embeddings for {idx.numel()} "
-                                   "multimodal positions")
+                raise RuntimeError(f"mob_kernels vLLM plugin: {off.shape[0]} multimodal embeddings for "
+                                   f"{idx.numel()} multimodal positions")
             self._mob_pending = (idx, off)
+            record(event="merge", image_tokens=pruned)
         return cleaned
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         pending, self._mob_pending = self._mob_pending, None
         if pending is not None and positions.dim() == 2:
             idx, off = pending
+            if int(idx[-1]) >= positions.shape[1]:
+                raise RuntimeError("mob_kernels vLLM plugin: image offsets from an embedding call that this forward "
+                                   "pass does not belong to")
             idx = idx.to(positions.device)
             # In place: the runner's position buffer (its address is what CUDA graphs captured).
             positions[:, idx] += off.t().to(device=positions.device, dtype=positions.dtype)
