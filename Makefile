@@ -21,7 +21,8 @@ BENCH_DEPS  := matplotlib==3.11.2 fpsample==1.0.2 faiss-cpu==1.15.1
 BUILD_DEPS  := "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja
 SOURCES     := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: install demo test test-integrations-lowest bench fuzz test-asan test-large cuda-check check-sdist clean
+.PHONY: install demo test test-integrations-lowest bench fuzz test-asan test-large cuda-check check-sdist \
+        test-torch-floor clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -81,6 +82,11 @@ cuda-check: $(VENV)/.deps
 # clean venv (pinned torch only) with and without a working C++ compiler, and type-checked (scripts/check_sdist.sh).
 check-sdist: $(VENV)/.deps
 	PY=$(abspath $(BIN))/python TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX="$(TORCH_INDEX)" bash scripts/check_sdist.sh
+
+# The suite on the oldest torch pyproject.toml admits (2.4.1), in a second venv (build/torch-floor) with the tree's
+# build first on PYTHONPATH. Not in CI: PyPI's torch 2.4.1 brings 2.7 GB of CUDA wheels (scripts/check_torch_floor.sh).
+test-torch-floor: install
+	PY=$(PY) bash scripts/check_torch_floor.sh
 
 clean:
 	rm -rf build *.egg-info mob_kernels/_C*.so .pytest_cache .benchmarks
