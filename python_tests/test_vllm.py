@@ -21,7 +21,8 @@ import mob_kernels
 from mob_kernels.integrations import vllm as mv
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (scripts/test_vllm.sh makes a venv with it)")
+NO_VLLM = "vllm is not installed (scripts/test_vllm.sh makes a venv with it)"
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason=NO_VLLM)
 
 
 # ===================================================================================================== no vLLM needed
@@ -112,7 +113,8 @@ def test_select_image_tokens_calls_the_ops():
     feats, prompt = torch.randn(64, 32, generator=g), torch.randn(5, 32, generator=g)
     got = mv.select_image_tokens(mv.MobVllmConfig("fps", 16), feats)
     assert torch.equal(got, torch.sort(mob_kernels.farthest_point_sample(feats, 16)).values)
-    assert torch.equal(mv.select_image_tokens(mv.MobVllmConfig("divprune", 0.25), feats), mob_kernels.divprune(feats, 16))
+    got = mv.select_image_tokens(mv.MobVllmConfig("divprune", 0.25), feats)
+    assert torch.equal(got, mob_kernels.divprune(feats, 16))
     got = mv.select_image_tokens(mv.MobVllmConfig("mob", 16, prompt_budget=6, fold=2), feats, prompt)
     assert torch.equal(got, mob_kernels.select(feats, prompt, 6, 16, fold=2))
     # MoB with no text after the image: the prompt cover has nothing to cover, FPS picks all k.
@@ -393,7 +395,8 @@ class HFRun:
                 monkeypatch.undo()
         ids = inputs["input_ids"][0]
         is_img = ids == self.image_id
-        edges = torch.diff(is_img.int(), prepend=torch.zeros(1, dtype=torch.int), append=torch.zeros(1, dtype=torch.int))
+        zero = torch.zeros(1, dtype=torch.int)
+        edges = torch.diff(is_img.int(), prepend=zero, append=zero)
         starts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
         feats = [captured["embeds"][0, s:e] for s, e in zip(starts, ends)]
         tokens = out.sequences[0, ids.shape[0]:].tolist()
@@ -423,7 +426,7 @@ def _match_record(records, feats, tail=None):
 @pytest.fixture(scope="module")
 def vllm_env():
     if not HAS_VLLM:
-        pytest.skip("vllm is not installed (scripts/test_vllm.sh makes a venv with it)")
+        pytest.skip(NO_VLLM)
     mp = pytest.MonkeyPatch()
     mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its selections are visible here
     mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
