@@ -24,7 +24,7 @@ def as_int(name: str, value: object, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or (isinstance(value, Tensor)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     try:
-        out = operator.index(value)  # type: ignore[call-overload]
+        out = operator.index(value)  # type: ignore[arg-type]  # object: whatever the caller passed
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
     if out < minimum:
@@ -92,7 +92,7 @@ def same_device(name: str, x: Tensor, vis: Tensor) -> None:
         raise ValueError(f"{name} must be on vis's device {vis.device}, got {name}.device={x.device}")
 
 
-_FILLED: dict[tuple, Tensor] = {}
+_FILLED: dict[tuple[object, ...], Tensor] = {}
 
 
 def filled(shape: tuple[int, ...], value: bool | int, dtype: torch.dtype, device: torch.device, reuse: bool) -> Tensor:

@@ -59,12 +59,12 @@ def _load(name: str) -> Backend | str:
         except ImportError as e:
             _loaded[name] = f"import failed: {e}"
         else:
-            _loaded[name] = getattr(mod, "BACKEND", None) or getattr(mod, "UNAVAILABLE_REASON", "not available")
+            backend: Backend | None = getattr(mod, "BACKEND", None)
+            _loaded[name] = backend if backend is not None else str(getattr(mod, "UNAVAILABLE_REASON", "not available"))
     got = _loaded[name]
     # A backend may become unavailable later (the CUDA one reads the extension's build flag on every call).
-    if not isinstance(got, str) and getattr(got, "unavailable_reason", None):
-        return str(got.unavailable_reason)  # type: ignore[attr-defined]
-    return got
+    reason = None if isinstance(got, str) else getattr(got, "unavailable_reason", None)
+    return str(reason) if reason else got
 
 
 def _runs_on(spec: BackendSpec, device_type: str) -> bool:

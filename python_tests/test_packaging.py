@@ -185,7 +185,8 @@ def test_public_api_type_checks_with_mypy_strict(tmp_path, request):
     bad.write_text(USER_MISTAKES)
     (tmp_path / "mypy.ini").write_text(MYPY_CONFIG)
     cache_name = "mypy-installed" if python else "mypy-tree"
-    cache = request.config.cache.mkdir(cache_name) if request.config.cache is not None else tmp_path / cache_name
+    pytest_cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    cache = pytest_cache.mkdir(cache_name) if pytest_cache is not None else tmp_path / cache_name
     env = {k: v for k, v in os.environ.items() if k != "MYPYPATH"}
     args = [sys.executable, "-m", "mypy", "--config-file", "mypy.ini", "--cache-dir", str(cache),
             "--no-error-summary", "--show-error-codes", good.name, bad.name]

@@ -18,7 +18,7 @@ rm -f "$OUT"/lib/mob_kernels/_C*.so
 find "$OUT/lib" -name __pycache__ -prune -exec rm -rf {} +
 # ... and the sanitized _C built into it: setup.py maps MOB_SANITIZE=1 to -DMOB_SANITIZE=ON
 # (-fsanitize=address,undefined -fno-sanitize-recover=undefined -O1); no CUDA.
-MOB_SANITIZE=1 MOB_CUDA=off "$PY" setup.py -q build_ext --build-temp "$OUT/tmp" --build-lib "$OUT/lib"
+MOB_EXTENSION=on MOB_SANITIZE=1 MOB_CUDA=off "$PY" setup.py -q build_ext --build-temp "$OUT/tmp" --build-lib "$OUT/lib"
 test -n "$(ls "$OUT"/lib/mob_kernels/_C*.so)"
 
 LIBASAN="$(${CXX:-g++} -print-file-name=libasan.so)"

@@ -2,10 +2,10 @@
 
 The extension does not link libtorch; this module allocates the outputs, passes ``data_ptr()``s, sizes, element
 strides and a dtype tag (0 for an absent optional tensor), and the C++ releases the GIL while it runs (OpenMP across
-samples, or inside one sample). gram, prompt_cover, farthest_point_sample (valid and sim included) and dpp_greedy are
-native; MoB's select, DivPrune and CDPruner have fused implementations (the whole method per sample in C++, the
-usable-token scan included). Primitives without a native kernel are inherited from
-the reference backend.
+samples, or inside one sample). gram, prompt_cover, farthest_point_sample (valid and sim included), dpp_greedy and
+independent_set are native; MoB's select, DivPrune and CDPruner have fused implementations (the whole method per
+sample in C++, the usable-token scan included). Primitives without a native kernel are inherited from the reference
+backend.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import extension_missing
 from .reference import ReferenceBackend
 
 try:
     from .. import _C
-except ImportError as e:  # built without the extension (e.g. an sdist that failed to compile)
+except ImportError as e:  # built without the extension (e.g. an install whose C++ build failed)
     _C = None
-    UNAVAILABLE_REASON = f"the C++ extension mob_kernels._C is not built ({e}); reinstall with `pip install -e .`"
+    UNAVAILABLE_REASON = extension_missing(e)
 
 DTYPE_TAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -80,6 +81,22 @@ class CpuBackend(ReferenceBackend):  # primitives without a native kernel run th
             gain.data_ptr(),
         )
         return order, gain
+
+    @staticmethod
+    def independent_set(
+        vis: Tensor, rank: Tensor, num_picks: Tensor, k: int, near: float, far: float, grid: Tensor | None, radius: int
+    ) -> Tensor:
+        B, N, d = vis.shape
+        out = torch.empty(B, k, dtype=torch.int64)
+        r, n = rank.contiguous(), num_picks.contiguous()  # held: the C++ reads them through raw pointers
+        g = (0, 0, 0)
+        if grid is not None:  # any batch and row strides (an expanded shared grid stays a view)
+            if grid.dtype != torch.int64 or grid.stride(-1) != 1:
+                grid = grid.to(torch.int64).contiguous()
+            g = (grid.data_ptr(), grid.stride(0), grid.stride(1))
+        _C.independent_set_cpu(B, N, d, DTYPE_TAG[vis.dtype], *_features(vis), r.data_ptr(), n.data_ptr(), k,
+                               float(near), float(far), *g, int(radius), out.data_ptr())
+        return out
 
     @staticmethod
     def select(vis: Tensor, prompt: Tensor, mask: Tensor, k_p: int, k: int, fold: Tensor) -> Tensor:

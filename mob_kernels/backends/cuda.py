@@ -24,14 +24,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, extension_missing
 from .reference import ReferenceBackend
 
 try:
     from .. import _C
 except ImportError as e:  # built without the extension at all
     _C = None
-    _IMPORT_ERROR = str(e)
+    _IMPORT_ERROR = extension_missing(e)
 
 _DTYPE_TAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -45,7 +45,7 @@ ROWS_ON_DEMAND = False
 
 def _unavailable_reason() -> str | None:
     if _C is None:
-        return f"built without CUDA: the C++ extension mob_kernels._C is not built ({_IMPORT_ERROR})"
+        return f"built without CUDA: {_IMPORT_ERROR}"
     if not getattr(_C, "WITH_CUDA", False):
         return (
             "built without CUDA: mob_kernels._C was compiled without nvcc (MOB_CUDA=off, or no CUDA toolkit found); "

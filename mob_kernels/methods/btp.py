@@ -34,7 +34,7 @@ MODES = ("union", "attn_seeded", "attn_only")
 # Released stage plans, 1-based "prune before decoder layer L" (each stage: layer, kept count rule, mode, params).
 # LLaVA-1.5-7B: 576 -> 288 -> 144 -> 48 -> 0 before layers 4 / 7 / 15 / 23. Qwen2.5-VL-7B: N -> N/2 -> N/4 -> N/8 -> 0
 # before layers 4 / 7 / 16 / 23.
-SCHEDULES: dict[str, list[dict]] = {
+SCHEDULES: dict[str, list[dict[str, object]]] = {
     "llava": [
         dict(layer=4, keep=288, mode="union", n_div=86, n_attn=86, n_extra=318, rebalance=288, spatial_seed=144),
         dict(layer=7, keep=144, mode="union", n_div=14, n_attn=129, n_extra=193, rebalance=144),
@@ -203,12 +203,13 @@ def btp_stage(
     below which attention candidates go first, ``seed`` a constant set of indices (the spatial seed) for ``union``."""
     checks.door(hidden=hidden, seed=seed, valid=valid)
     checks.tensor("attention", attention)
-    return torch.ops.mob.btp_stage(
+    out: Tensor = torch.ops.mob.btp_stage(
         hidden, attention, checks.as_int("k", k), mode=mode, n_div=checks.as_int("n_div", n_div),
         n_attn=checks.as_int("n_attn", n_attn), n_extra=checks.as_int("n_extra", n_extra),
         rebalance=-1 if rebalance is None else checks.as_int("rebalance", rebalance), seed=seed, valid=valid,
         backend=checks.backend_name(backend),
     )
+    return out
 
 
 def btp_stage_as_released(
@@ -265,9 +266,8 @@ def btp_stage_as_released(
         return torch.cat([keep, more[0][more[0] >= 0]])
 
     if mode == "attn_seeded":
-        att = torch.sort(torch.nan_to_num(score[0].float(), nan=float("-inf")), descending=True, stable=True)
-        att = att.indices[:n_attn]
-        return torch.sort(top_up(att, max(k - n_attn, 0))).values
+        top = torch.sort(torch.nan_to_num(score[0].float(), nan=float("-inf")), descending=True, stable=True)
+        return torch.sort(top_up(top.indices[:n_attn], max(k - n_attn, 0))).values
     div = diversity_picks(P, hb, sim, torch.tensor([min(n_div, n)], device=h.device), max(n_div, 1), none, ok)[0]
     div = div[div >= 0]
     att = attention_picks(score, n_attn, n_extra, thr, ok)[0]

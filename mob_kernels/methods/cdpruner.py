@@ -99,5 +99,6 @@ def cdpruner(
     stops when the kernel runs out of rank) are completed by relevance; ``valid`` as in ``divprune``."""
     checks.door(vis=vis, valid=valid)
     checks.tensor("relevance", relevance)
-    return torch.ops.mob.cdpruner(vis, relevance, checks.as_int("k", k), valid=valid,
+    out: Tensor = torch.ops.mob.cdpruner(vis, relevance, checks.as_int("k", k), valid=valid,
                                   backend=checks.backend_name(backend))
+    return out

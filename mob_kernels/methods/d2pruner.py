@@ -157,9 +157,10 @@ def d2pruner(
     unusable tokens)."""
     checks.door(vis=vis, bias=bias, grid=grid, valid=valid)
     checks.tensor("importance", importance)
-    return torch.ops.mob.d2pruner(
+    out: tuple[Tensor, Tensor] = torch.ops.mob.d2pruner(
         vis, importance, checks.as_int("k", k), bias=bias, grid=grid,
         pivot_ratio=checks.as_float("pivot_ratio", pivot_ratio), threshold=checks.as_float("threshold", threshold),
         alpha=checks.as_float("alpha", alpha), radius=checks.as_int("radius", radius), valid=valid,
         backend=checks.backend_name(backend),
     )
+    return out

@@ -70,4 +70,5 @@ def divprune(vis: Tensor, k: int, *, valid: Tensor | None = None, backend: str =
     ``[N, d]``), chosen for diversity alone. ``valid`` ``[B, N]`` bool marks the tokens that may be chosen; when fewer
     than ``k`` are, the rest are the lowest-index other tokens, so the output always holds exactly ``k``."""
     checks.door(vis=vis, valid=valid)
-    return torch.ops.mob.divprune(vis, checks.as_int("k", k), valid=valid, backend=checks.backend_name(backend))
+    out: Tensor = torch.ops.mob.divprune(vis, checks.as_int("k", k), valid=valid, backend=checks.backend_name(backend))
+    return out

@@ -41,8 +41,8 @@ def resolve_fold(k_p: int, fold: int, mask: Tensor, n: int, all_valid: bool = Fa
         f = min(fold, n) if fold > 0 else (min(max(1, -(-k_p // L)), n) if L > 0 else 0)
         return checks.filled((B,), f, torch.int64, mask.device, reuse)
     n_valid = mask.sum(1)
-    f = torch.div(k_p + n_valid - 1, n_valid.clamp_min(1), rounding_mode="floor").clamp(1, max(n, 1))
-    return torch.where(n_valid > 0, f, 0)
+    per_sample = torch.div(k_p + n_valid - 1, n_valid.clamp_min(1), rounding_mode="floor").clamp(1, max(n, 1))
+    return torch.where(n_valid > 0, per_sample, 0)
 
 
 # ----------------------------------------------------------------------------------------------------- compositions
@@ -187,8 +187,9 @@ def select(
         call = _prepare_select(vis, prompt, k_p, k, fold=fold, prompt_mask=prompt_mask, backend=backend)
         checks.finite("vis", call.inputs["vis"])
         checks.finite("prompt", call.inputs["prompt"], call.inputs["mask"])
-    return torch.ops.mob.select(vis, prompt, checks.as_int("k_p", k_p), checks.as_int("k", k), fold=fold,
+    out: Tensor = torch.ops.mob.select(vis, prompt, checks.as_int("k_p", k_p), checks.as_int("k", k), fold=fold,
                                 prompt_mask=prompt_mask, backend=checks.backend_name(backend))
+    return out
 
 
 def prompt_cover(
@@ -203,8 +204,11 @@ def prompt_cover(
     """MoB's prompt cover alone (contract §3.1.2): (picks ``[B, k_p]`` by descending covering score, ``-1`` padded;
     count ``[B]``)."""
     checks.door(vis=vis, prompt=prompt, prompt_mask=prompt_mask)
-    return torch.ops.mob.prompt_cover(vis, prompt, checks.as_int("k_p", k_p), fold=_clamp_fold(fold, vis),
-                                      prompt_mask=prompt_mask, backend=checks.backend_name(backend))
+    out: tuple[Tensor, Tensor] = torch.ops.mob.prompt_cover(
+        vis, prompt, checks.as_int("k_p", k_p), fold=_clamp_fold(fold, vis), prompt_mask=prompt_mask,
+        backend=checks.backend_name(backend),
+    )
+    return out
 
 
 def farthest_point_sample(
@@ -219,5 +223,6 @@ def farthest_point_sample(
     ``[B, m]`` (or ``[m]``) are already-taken indices, ``-1`` padded; they seed the distances and are never returned.
     Tokens where ``valid`` is False are never picked. Picks past the untaken valid tokens are ``-1``."""
     checks.door(vis=vis, seed=seed, valid=valid)
-    return torch.ops.mob.farthest_point_sample(vis, checks.as_int("k", k), seed=seed, valid=valid,
+    out: Tensor = torch.ops.mob.farthest_point_sample(vis, checks.as_int("k", k), seed=seed, valid=valid,
                                                backend=checks.backend_name(backend))
+    return out
