@@ -92,6 +92,20 @@ PYBIND11_MODULE(_C, m) {
       },
       "valid is optional (0: every token)");
 
+  m.def(
+      "independent_set_cpu",
+      [](int64_t B, int64_t N, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs, int64_t vis_rs, uintptr_t rank,
+         uintptr_t num_picks, int64_t k, double near, double far, uintptr_t grid, int64_t grid_bs, int64_t grid_rs,
+         int64_t radius, uintptr_t out) {
+        Features v = features(vis, dtype, vis_bs, vis_rs);
+        py::gil_scoped_release release;
+        mob::independent_set_cpu(B, N, d, v, reinterpret_cast<const int64_t*>(rank),
+                                 reinterpret_cast<const int64_t*>(num_picks), k, near, far,
+                                 mob::Grid{reinterpret_cast<const int64_t*>(grid), grid_bs, grid_rs}, radius,
+                                 reinterpret_cast<int64_t*>(out));
+      },
+      "grid is optional (0: none)");
+
   m.def("select_cpu", [](int64_t B, int64_t N, int64_t L, int64_t d, int dtype, uintptr_t vis, int64_t vis_bs,
                          int64_t vis_rs, uintptr_t prompt, int64_t pr_bs, int64_t pr_rs, uintptr_t mask, int64_t k_p,
                          int64_t k, uintptr_t fold, uintptr_t out) {

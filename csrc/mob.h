@@ -60,6 +60,22 @@ void cdpruner_cpu(int64_t B, int64_t N, int64_t d, Features vis, const float* re
 // lowest-index other tokens to k; out [B, k] sorted ascending.
 void divprune_cpu(int64_t B, int64_t N, int64_t d, Features vis, const bool* valid, int64_t k, int64_t* out);
 
+// Where each token sits, int64 (tile, row, col) at data[b * batch_stride + i * row_stride + {0, 1, 2}] (elements);
+// data == nullptr: none.
+struct Grid {
+  const int64_t* data;
+  int64_t batch_stride;
+  int64_t row_stride;
+};
+
+// Greedy maximal independent set (contract §3.4.1, D2Pruner): the candidates (rank [B, N] >= 0) in increasing rank,
+// ties to the lower index; tokens i != j are adjacent when their cosine (gram_cpu's value) exceeds near (same tile,
+// Chebyshev distance <= radius) or far (otherwise; every pair without a grid), thresholds rounded to float32, a NaN
+// cosine no edge. Each candidate no earlier pick is adjacent to is picked, up to min(num_picks[b], k) picks, written to
+// out [B, k] in pick order, -1 padded.
+void independent_set_cpu(int64_t B, int64_t N, int64_t d, Features vis, const int64_t* rank, const int64_t* num_picks,
+                         int64_t k, double near, double far, Grid grid, int64_t radius, int64_t* out);
+
 // MoB select (contract §3.1): out [B, k] sorted ascending.
 void select_cpu(int64_t B, int64_t N, int64_t L, int64_t d, Features vis, Features prompt, const bool* mask,
                 int64_t k_p, int64_t k, const int64_t* fold, int64_t* out);
