@@ -24,7 +24,7 @@ from .methods import (
     prompt_cover,
     select,
 )
-from .registry import available_backends, budget_arguments, methods, resolve_backend
+from .registry import available_backends, budget_arguments, method_names, resolve_backend
 
 __all__ = [
     "select",
@@ -36,7 +36,7 @@ __all__ = [
     "d2pruner",
     "btp_stage",
     "prompt_budget",
-    "methods",
+    "method_names",
     "budget_arguments",
     "available_backends",
     "resolve_backend",

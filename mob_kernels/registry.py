@@ -185,7 +185,7 @@ def register(spec: OpSpec) -> OpSpec:
     return spec
 
 
-def methods() -> list[str]:
+def method_names() -> list[str]:
     """The selection methods (ops with a budget rule), in registration order."""
     return [name for name, spec in OPS.items() if spec.is_method]
 
@@ -194,7 +194,7 @@ def budget_arguments(method: str, k: int) -> dict[str, int]:
     """What a keep budget of ``k`` tokens per image means for ``method`` (e.g. MoB's prompt share ``k_p``)."""
     spec = OPS.get(method)
     if spec is None or spec.budget is None:
-        raise ValueError(f"method must be one of {methods()}, got method={method!r}")
+        raise ValueError(f"method must be one of {method_names()}, got method={method!r}")
     return dict(spec.budget(k))
 
 

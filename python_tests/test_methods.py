@@ -284,7 +284,7 @@ def test_cdpruner_relevance_errors():
 
 
 def test_registry_lists_methods_and_budget_rules():
-    assert mob_kernels.methods() == ["select", "divprune", "cdpruner", "d2pruner", "btp_stage"]
+    assert mob_kernels.method_names() == ["select", "divprune", "cdpruner", "d2pruner", "btp_stage"]
     assert mob_kernels.budget_arguments("select", 64) == {"k": 64, "k_p": 32}
     assert mob_kernels.budget_arguments("select", 128) == {"k": 128, "k_p": 48}
     assert mob_kernels.budget_arguments("select", 192) == {"k": 192, "k_p": 64}

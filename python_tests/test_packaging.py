@@ -125,7 +125,7 @@ assert_type(mob_kernels.btp_stage(vis, importance, 8, mode="union", n_attn=4, n_
 assert_type(mob_kernels.available_backends(), list[str])
 assert_type(mob_kernels.available_backends(torch.device("cpu")), list[str])
 assert_type(mob_kernels.resolve_backend("auto", "cpu"), str)
-assert_type(mob_kernels.methods(), list[str])
+assert_type(mob_kernels.method_names(), list[str])
 assert_type(mob_kernels.budget_arguments("select", 64), dict[str, int])
 assert_type(mob_kernels.prompt_budget(64), int)
 assert_type(mob_kernels.__version__, str)

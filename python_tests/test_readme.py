@@ -20,3 +20,8 @@ def test_readme_usage_example_runs():
     # FPS seeded by the cover picks never returns one of them.
     for row in range(2):
         assert not set(scope["more"][row].tolist()) & set(picks[row].tolist())
+    for name, k in (("by_diversity", 64), ("by_dpp", 64), ("by_d2", 64), ("role", 64), ("stage", 288)):
+        got = scope[name]
+        assert got.shape == (2, k), (name, got.shape)
+        if name != "role":
+            assert bool((got[:, 1:] > got[:, :-1]).all()), name

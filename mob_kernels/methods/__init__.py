@@ -7,7 +7,7 @@ the module here. Run over the reference backend that function is the method's co
 on day one; a backend may later add a fused implementation named after the method.
 """
 
-# Registration order is the order methods() lists them in: MoB first.
+# Registration order is the order method_names() lists them in: MoB first.
 from .mob import farthest_point_sample, prompt_budget, prompt_cover, resolve_fold, select  # isort: skip
 from .divprune import divprune, most_isolated  # isort: skip
 from .cdpruner import cdpruner, cdpruner_relevance  # isort: skip
