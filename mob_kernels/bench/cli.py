@@ -67,7 +67,7 @@ def default_backends(device: str) -> list[str]:
 
 def bench_methods() -> list[str]:
     """The registered selection methods the bench can feed, in registration order."""
-    return [m for m in mk.methods() if m in BENCH_METHODS]
+    return [m for m in mk.method_names() if m in BENCH_METHODS]
 
 
 def stages_of(method: str, select_stages) -> list[str]:
