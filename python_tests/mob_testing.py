@@ -289,3 +289,20 @@ def _finite_rows(x: Tensor) -> bool:
         return False
     sq = x.double().square().sum(-1)
     return not bool(((sq != 0) & ((sq < 1.2e-38) | (sq > 3.4e38))).any())
+
+
+def d2pruner_margin(vis: Tensor, importance: Tensor, k: int, valid: Tensor | None = None, threshold: float = 0.8,
+                    bias: Tensor | None = None) -> float:
+    """D2Pruner at alpha = 1 (contract §3.4) on one sample: every backend computes the pivots and the fill from the
+    same importance with the same torch code, so the decisions a backend can break differently are the graph's edges:
+    the smallest distance of a usable pair's cosine (float64) from the threshold."""
+    score = importance if bias is None else importance / (bias + 1e-7)
+    ok = usable64(vis, valid) & torch.isfinite(score)
+    if int(ok.sum()) < 2 or min(k, int(ok.sum())) == 0:
+        return INF
+    if not _finite_rows(vis[ok]):
+        return 0.0
+    v_hat, _ = _unit64(vis[ok])
+    cos = v_hat @ v_hat.T
+    off = ~torch.eye(cos.shape[0], dtype=torch.bool)
+    return float((cos[off] - threshold).abs().min())

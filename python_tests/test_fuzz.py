@@ -33,6 +33,7 @@ from mob_testing import (
     backends,
     bitwise_equal,
     decision_margin,
+    d2pruner_margin,
     divprune_margin,
     dpp_margin,
     gpu_backends,
@@ -48,6 +49,7 @@ PROFILE = os.environ.get("MOB_FUZZ_PROFILE", "ci")
 FUZZ = settings.get_profile(f"mob-{PROFILE}")
 PRIMITIVES = settings(FUZZ, max_examples=max(FUZZ.max_examples // 4, 50))
 INTERPRETED = settings(FUZZ, max_examples=max(FUZZ.max_examples // 40, 20))
+VALIDITY = settings(FUZZ, max_examples=max(FUZZ.max_examples // 20, 20))  # validity-only properties
 
 # (backend, device): the CPU backends on CPU tensors and, on a GPU machine, every CUDA backend on CUDA tensors.
 FAST = [(b, "cpu") for b in backends() if not is_slow(b)] + [(b, "cuda") for b in gpu_backends()]
@@ -228,7 +230,7 @@ def test_fuzz_primitives_interpreted(target, p, seed_frac):
     _check_primitives(*target, p=p, seed_frac=seed_frac)
 
 
-# --------------------------------------------------------------------------------------- DivPrune and CDPruner
+# ------------------------------------------------------------------------------- DivPrune, CDPruner, D2Pruner, BTP
 
 VALIDS = ("none", "all_true", "all_false", "random", "one")
 
@@ -259,10 +261,13 @@ def _check_method(method: str, backend: str, device: str, p: dict, valid_kind: s
     def run(b, v, r, ok):
         if method == "divprune":
             return mob_kernels.divprune(v, k, valid=ok, backend=b).cpu()
+        if method == "d2pruner":  # keep and role both compared
+            keep, role = mob_kernels.d2pruner(v, r, k, valid=ok, backend=b)
+            return torch.cat([keep, role.long()], dim=-1).cpu()
         return mob_kernels.cdpruner(v, r, k, valid=ok, backend=b).cpu()
 
     out = run(backend, vis, dev(rel), dev(valid))
-    assert_valid(out, None if p["unbatched"] else p["B"], N, k)
+    assert_valid(out[..., :k], None if p["unbatched"] else p["B"], N, k)
     assert bitwise_equal(vis, before), "vis was modified"
     if backend != "reference" or device != "cpu":
         want = run("reference", vis.cpu(), rel, valid)
@@ -270,14 +275,16 @@ def _check_method(method: str, backend: str, device: str, p: dict, valid_kind: s
             v3, r2 = vis.cpu().reshape(B, N, -1), rel.reshape(B, N)
             ok2 = None if valid is None else valid.reshape(B, N)
             margin = min(
-                divprune_margin(v3[b], k, None if ok2 is None else ok2[b]) if method == "divprune"
-                else dpp_margin(v3[b], r2[b], k, None if ok2 is None else ok2[b])
+                {"divprune": lambda b: divprune_margin(v3[b], k, None if ok2 is None else ok2[b]),
+                 "cdpruner": lambda b: dpp_margin(v3[b], r2[b], k, None if ok2 is None else ok2[b]),
+                 "d2pruner": lambda b: d2pruner_margin(v3[b], r2[b], k, None if ok2 is None else ok2[b]),
+                 }[method](b)
                 for b in range(B)
             )
             assert margin < WELL_CONDITIONED, f"{backend} != reference (margin {margin:.2e}):\n{out}\n{want}"
 
 
-@pytest.mark.parametrize("method", ["divprune", "cdpruner"])
+@pytest.mark.parametrize("method", ["divprune", "cdpruner", "d2pruner"])
 @pytest.mark.parametrize("target", FAST, ids=target_id)
 @PRIMITIVES
 @given(p=problems(), valid_kind=st.sampled_from(VALIDS))
@@ -285,9 +292,34 @@ def test_fuzz_methods(method, target, p, valid_kind):
     _check_method(method, *target, p=p, valid_kind=valid_kind)
 
 
-@pytest.mark.parametrize("method", ["divprune", "cdpruner"])
+@pytest.mark.parametrize("method", ["divprune", "cdpruner", "d2pruner"])
 @pytest.mark.parametrize("target", SLOW, ids=target_id)
 @INTERPRETED
 @given(p=problems(tiny_only=True), valid_kind=st.sampled_from(VALIDS))
 def test_fuzz_methods_interpreted(method, target, p, valid_kind):
     _check_method(method, *target, p=p, valid_kind=valid_kind)
+
+
+def _check_btp(backend: str, device: str, p: dict, mode: str) -> None:
+    """One BTP stage: a valid selection of exactly k on any input (its exact agreement on well-conditioned inputs is
+    a composition of primitives the other fuzz tests hold to the reference)."""
+    vis, _, _ = build(p, device)
+    N, k = p["N"], p["k"]
+    B = 1 if p["unbatched"] else p["B"]
+    g = torch.Generator().manual_seed(p["seed"] + 2)
+    att = torch.rand(B, 3, N, generator=g)
+    if "nan" in p["specials"]:
+        att[0, 0, 0] = float("nan")
+    att = (att[0] if p["unbatched"] else att).to(device)
+    seed = torch.randint(0, max(N, 1), (min(N, 4),), generator=g).to(device)
+    kw = dict(mode=mode, n_div=k // 3, n_attn=k // 2, n_extra=min(N, k + 3), rebalance=k, seed=seed)
+    out = mob_kernels.btp_stage(vis, att, k, backend=backend, **kw).cpu()
+    assert_valid(out, None if p["unbatched"] else p["B"], N, k)
+
+
+@pytest.mark.parametrize("mode", ["union", "attn_seeded", "attn_only"])
+@pytest.mark.parametrize("target", FAST, ids=target_id)
+@VALIDITY
+@given(p=problems())
+def test_fuzz_btp_stage(mode, target, p):
+    _check_btp(*target, p=p, mode=mode)

@@ -184,7 +184,8 @@ class ReferenceBackend:
         eye = torch.eye(N, dtype=torch.bool, device=dev)
         edge = (sim > threshold) & ~eye  # NaN similarities make no edge
         # Walk the candidates in rank order: one step per rank position, all samples at once.
-        order = torch.sort(torch.where(rank >= 0, rank, N + torch.arange(N, device=dev)), dim=1, stable=True).indices
+        # Candidates by rank (ties to the lower index), then every non-candidate.
+        order = torch.sort(torch.where(rank >= 0, rank, torch.iinfo(torch.int64).max), dim=1, stable=True).indices
         n_cand = (rank >= 0).sum(1)
         blocked = torch.zeros(B, N, dtype=torch.bool, device=dev)
         count = torch.zeros(B, dtype=torch.int64, device=dev)
