@@ -7,7 +7,8 @@ Every primitive is native and host-sync free with fixed output shapes (so calls 
 * ``select`` (MoB, fused) -- the same file: cover tiles, Gram tiles, the cover's finish and the seeded FPS writing the
   sorted union, all in ONE launch;
 * ``dpp_greedy`` -- ``triton_kernels/dpp_greedy.py``: Gram tiles and the per-sample greedy loop in one launch;
-* ``independent_set`` -- no native kernel yet: delegates to the reference (plain torch, host-sync free).
+* ``independent_set`` -- ``triton_kernels/independent_set.py``: Gram tiles thresholded into bit-packed adjacency and
+  the per-sample greedy walk in one launch.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the registry decides which).
 """
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .reference import ReferenceBackend
 
 try:
     from .triton_kernels import dpp_greedy as _dpp
+    from .triton_kernels import independent_set as _mis
     from .triton_kernels import mob_select as _mob
 except ImportError as e:  # triton not installed (e.g. CPU-only wheels on macOS / Windows)
-    _dpp = _mob = None
+    _dpp = _mis = _mob = None
     UNAVAILABLE_REASON = f"triton does not import ({e}); pip install triton"
 
 
@@ -51,7 +52,7 @@ class TritonBackend:
     def independent_set(
         vis: Tensor, rank: Tensor, num_picks: Tensor, k: int, near: float, far: float, grid: Tensor | None, radius: int
     ) -> Tensor:
-        return ReferenceBackend.independent_set(vis, rank, num_picks, k, near, far, grid, radius)
+        return _mis.independent_set(vis, rank, num_picks, k, near, far, grid, radius)
 
     @staticmethod
     def select(vis: Tensor, prompt: Tensor, mask: Tensor, k_p: int, k: int, fold: Tensor) -> Tensor:
