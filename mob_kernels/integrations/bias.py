@@ -40,10 +40,11 @@ def calibrate_attention_bias(
     """The mean importance map ``[H_ref, W_ref]`` (float32, on the CPU) of ``model`` at decoder layer ``layer - 1``.
 
     ``images``: with a ``processor`` (a transformers processor for ``model``), images it accepts, each run as
-    ``processor(images=image, text=prompt, return_tensors="pt")``; ``prompt`` is then the fixed generic prompt, formatted
-    with the model's chat template and its image placeholder (e.g. LLaVA-1.5's ``"USER: <image>\\nDescribe the image.
-    ASSISTANT:"``). Without a processor, each item is one forward call's keyword arguments (``input_ids`` with the
-    image placeholders, ``pixel_values``, ...), already built with the one generic prompt; ``prompt`` must be None.
+    ``processor(images=image, text=prompt, return_tensors="pt")``; ``prompt`` is then the fixed generic prompt,
+    formatted with the model's chat template and its image placeholder (e.g. LLaVA-1.5's
+    ``"USER: <image>\\nDescribe the image. ASSISTANT:"``). Without a processor, each item is one forward call's
+    keyword arguments (``input_ids`` with the image placeholders, ``pixel_values``, ...), already built with the one
+    generic prompt; ``prompt`` must be None.
 
     Each row's every image contributes each of its complete tiles (tiles whose every cell holds a token: all of them
     except LLaVA-NeXT crops cut by unpadding), resampled to ``size`` (default: the first tile's grid) bilinearly with

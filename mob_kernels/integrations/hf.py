@@ -176,6 +176,7 @@ class KeptStage:
     roles: tuple[str, ...]
     num_tokens: int
     method: str = "btp"
+    tiles: tuple[tuple[int, int], ...] = ()
 
     @property
     def from_prompt(self) -> Tensor:
@@ -396,6 +397,7 @@ class PruningHandle:
         # The last pruned prefill's last-token attention probabilities [B, H, L_current] per decoder layer read
         # (D2Pruner, BTP; with record=True).
         self.attention: dict[int, Tensor] = {}
+        self.attention_logits: dict[int, Tensor] = {}  # the same rows before the softmax (masked keys -inf)
         self.selection_seconds = 0.0  # wall time spent in selection (cumulative; reset it freely)
         self._hooks: list = []
         self._call = _Call()
@@ -707,6 +709,7 @@ class PruningHandle:
                                              cap.position_embeddings, q_idx, valid)
         if self.record:
             self.attention[index - 1] = probs
+            self.attention_logits[index - 1] = logits
         return probs, logits
 
     # ------------------------------------------------------------------------------------------- D2Pruner
@@ -839,7 +842,8 @@ class PruningHandle:
                 for b in range(B):
                     stage_records.append((b, j, KeptStage(
                         layer=index, num_in=n, k=k, indices=local[b].gather(0, picks[b]).cpu(),
-                        roles=tuple(names[int(r)] for r in role[b]), num_tokens=n0)))
+                        roles=tuple(names[int(r)] for r in role[b]), num_tokens=n0,
+                        tiles=() if lay is None else lay.tiles)))
         parts.insert(0, (~in_any).nonzero()[:, 1].view(B, -1))  # the text: always kept
         new_local = torch.sort(torch.cat(parts, dim=1), dim=1).values
         keep = cur.gather(1, new_local)

@@ -121,6 +121,12 @@ def normalise(schedule, model_type: str, n_layers: int) -> list[dict[str, Any]]:
             raise ValueError(f"schedule stage {i} needs 'keep'")
         if stage["keep"] != 0 and stage.get("mode") not in MODES:
             raise ValueError(f"schedule stage {i}: mode must be one of {MODES}, got {stage.get('mode')!r}")
+        for key in ("keep",) + COUNT_KEYS:  # malformed expressions fail here, not in the middle of a forward
+            if key in stage:
+                try:
+                    evaluate(stage[key], dict(n=1, N=1, T=1, k=1), f"schedule stage {i}: {key}")
+                except ZeroDivisionError:
+                    pass
         stage["index"] = layer - 1
     return plan
 
