@@ -64,8 +64,10 @@ CASES = [
 
 
 def _fits(backend: str, case) -> bool:
+    # Interpreted Triton runs every program of a launch in Python (an N x N Gram at N = 3000 takes ~20 s): it gets the
+    # small cases; compiled on a GPU it gets them all.
     B, N, L, d, k_p, k = case[:6]
-    return not is_slow(backend) or (B * N * d <= 1 << 15 and k <= 64)
+    return not is_slow(backend) or (B * N * d <= 1 << 15 and N <= 512 and k <= 64)
 
 
 def _params(cases):
