@@ -1167,3 +1167,32 @@ def test_draw_d2pruner_roles_and_each_btp_stage(llava, qwen2):
     i = int(rec.indices[0])
     r, c = divmod(i, 6)
     assert out.getpixel((c * 20, r * 20 + 10)) == ROLE_COLOURS[rec.roles[0]]
+
+
+def test_prefill_bench_methods_rows_and_generated_report(tmp_path):
+    """``prefill_bench --methods`` measures one row per method on a (here tiny) LLaVA-shaped model and writes a report
+    whose numbers all come from the rows; BTP's plan is the released one with its layers scaled to the depth."""
+    import json
+
+    from mob_kernels.integrations import prefill_bench as pb
+
+    assert [s["layer"] for s in pb.btp_plan(32)] == [4, 7, 15, 23]
+    assert [(s["layer"], s["keep"]) for s in pb.btp_plan(4)] == [(2, 288), (3, 144), (4, 48)]
+    argv = ["--configs", "64x4", "--dtypes", "float32", "--repeats", "1", "--methods", "mob,d2pruner,btp",
+            "--out", str(tmp_path / "p")]
+    rows = pb.main(argv)
+    assert [r["method"] for r in rows] == ["mob", "d2pruner", "btp"]
+    assert rows[2]["layer_tokens"] == [636, 348, 204, 108] and rows[1]["layer_tokens"] == [636, 636, 124, 124]
+    md = (tmp_path / "p.md").read_text()
+    for r in rows:
+        bound = 4 * 636 / sum(r["layer_tokens"])
+        assert (f"| {r['method']} | 64 | 4 | float32 | {r['threads']} | {r['unpruned_ms']:.1f} | {r['pruned_ms']:.1f} "
+                f"| {r['speedup']:.2f}x | {r['selection_ms']:.2f} | {100 * r['selection_share']:.2f}% | "
+                f"{r['cpu_speedup']:.2f}x | {bound:.2f}x |") in md
+        assert 0 < r["selection_ms"] < r["pruned_ms"]
+    assert '`apply_pruning(model, "d2pruner", budget=64, layer=2, mode="layer")`' in md
+    assert "stages before layers 2 / 3 / 4: 288 -> 144 -> 48 image tokens" in md
+    assert f"Reproduce: `python -m mob_kernels.integrations.prefill_bench {' '.join(argv)}`" in md
+    assert json.loads((tmp_path / "p.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    with pytest.raises(SystemExit):
+        pb.main(["--methods", "fastv", "--out", str(tmp_path / "q")])

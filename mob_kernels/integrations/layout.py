@@ -17,6 +17,7 @@ image, Qwen's first temporal slice): BTP's spatial seed lives there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 
@@ -86,15 +87,21 @@ def qwen_layout(thw: Tensor, merge: int, n: int) -> ImageLayout | None:
 def spatial_seed_in_first_tile(layout: ImageLayout | None, n: int, m: int) -> Tensor:
     """BTP's spatial seed (``mob_kernels.methods.btp.spatial_seed``) of ``m`` cells on the image's first tile
     (indices into the image's tokens; ``m`` clipped to the tile's cells). Without a layout, a square image."""
-    from mob_kernels.methods.btp import spatial_seed
-
     if layout is None:
         layout = square_layout(n)
         if layout is None:
             raise ValueError(f"BTP's spatial seed needs the image's grid; {n} tokens are not a square and the model "
                              "gave no layout")
     rows, cols = layout.tiles[0]
-    return spatial_seed(rows, cols, min(m, rows * cols))
+    return _spatial_seed(rows, cols, min(m, rows * cols))
+
+
+@functools.lru_cache(maxsize=64)
+def _spatial_seed(rows: int, cols: int, m: int) -> Tensor:
+    # A constant of the grid (a Python loop of m steps over a rows*cols square distance table): computed once.
+    from mob_kernels.methods.btp import spatial_seed
+
+    return spatial_seed(rows, cols, m)
 
 
 def resample_map(bias: Tensor, layout: ImageLayout) -> Tensor:

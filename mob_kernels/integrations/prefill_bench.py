@@ -1,16 +1,21 @@
-"""Prefill speed with MoB pruning: a LLaVA-1.5-shaped model on the CPU, pruned vs unpruned, side by side in one run.
+"""Prefill speed with visual-token pruning: a LLaVA-1.5-shaped model on the CPU, pruned vs unpruned, side by side in
+one run (MoB by default; ``--methods`` gives one row per method and configuration).
 
 What it measures: the time of one prefill forward (``logits_to_keep=1``, as ``generate()`` does) of a
 ``LlavaForConditionalGeneration`` with random weights: 576 image tokens (336 / 14 patches), a Llama text model of
 ``hidden`` width and ``layers`` layers, a short text prompt around the image. The vision tower is kept tiny (one layer,
 width 64) because the question is what pruning saves inside the language model; it costs the same in both columns.
-Pruned: ``apply_mob(model, budget=64, layer=2, mode="layer")`` (the MoB paper's setting). The two variants alternate
-run by run so drifts in machine load hit both alike; medians are reported. "selection" is the wall time spent inside
-the hook choosing the tokens (``handle.selection_seconds``: run detection, feature gathers and ``mob_kernels.select``),
-as a share of the pruned prefill.
+Pruned: ``apply_mob(model, budget=64, layer=2, mode="layer")`` (the MoB paper's setting); with ``--methods`` each
+method's own setting (``pruning_arguments``): D2Pruner ``budget=64, layer=2``; BTP the released LLaVA plan
+(576 -> 288 -> 144 -> 48 -> 0 before layers 4 / 7 / 15 / 23 of 32) with its layers scaled to the model's depth
+(``btp_plan``); DivPrune and CDPruner ``budget=64`` on the projector output. The two variants alternate run by run so
+drifts in machine load hit both alike; medians are reported. "selection" is the wall time spent inside the hooks
+choosing the tokens (``handle.selection_seconds``: run detection, feature gathers, the last-token attention where the
+method reads it, and the selection op), as a share of the pruned prefill.
 
     python -m mob_kernels.integrations.prefill_bench               # writes bench/results/prefill_cpu.{md,json}
     python -m mob_kernels.integrations.prefill_bench --quick       # a smaller, faster check
+    python -m mob_kernels.integrations.prefill_bench --methods mob,d2pruner,btp --configs 1024x16 --dtypes float32
 """
 
 from __future__ import annotations
@@ -71,18 +76,68 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def btp_plan(layers: int) -> list[dict]:
+    """BTP's released LLaVA plan with its 1-based layers (4 / 7 / 15 / 23 of LLaVA-1.5-7B's 32) scaled to a model of
+    ``layers`` layers: ``max(2, round(L * layers / 32))``, each at least one past the previous."""
+    from mob_kernels.methods.btp import SCHEDULES
+
+    plan, previous = [], 1
+    for stage in SCHEDULES["llava"]:
+        at = max(previous + 1, round(stage["layer"] * layers / 32), 2)
+        if at > layers:
+            break
+        plan.append(dict(stage, layer=at))
+        previous = at
+    return plan
+
+
+def pruning_arguments(method: str, layers: int, budget: int = 64, layer: int = 2) -> dict:
+    """The ``apply_pruning`` arguments of one pruned row."""
+    if method == "btp":
+        return dict(schedule=btp_plan(layers))
+    if method in ("mob", "d2pruner"):
+        return dict(budget=budget, layer=layer, mode="layer")
+    return dict(budget=budget)  # DivPrune, CDPruner: their papers' input mode
+
+
+def layer_tokens(method: str, layers: int, tokens: int, image_tokens: int, budget: int = 64, layer: int = 2
+                 ) -> list[int]:
+    """The tokens each decoder layer runs on in a pruned prefill of ``method`` (one image of ``image_tokens``)."""
+    text = tokens - image_tokens
+    if method == "btp":
+        out, kept = [], image_tokens
+        stages = {s["layer"] - 1: s["keep"] for s in btp_plan(layers)}
+        for i in range(layers):
+            kept = stages.get(i, kept)
+            out.append(text + kept)
+        return out
+    first = layer if method in ("mob", "d2pruner") else 0
+    return [tokens] * first + [text + budget] * (layers - first)
+
+
+def _call_text(method: str, args: dict) -> str:
+    if method == "btp":
+        plan = args["schedule"]
+        return (f'`apply_pruning(model, "btp", schedule=...)` (the LLaVA plan, stages before layers '
+                f'{" / ".join(str(s["layer"]) for s in plan)}: {" -> ".join(str(s["keep"]) for s in plan)} image tokens)')
+    if method == "mob" and set(args) == {"budget", "layer", "mode"}:
+        return f'`apply_mob(model, budget={args["budget"]}, layer={args["layer"]}, mode="layer")`'
+    inner = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in args.items()).replace("'", '"')
+    return f'`apply_pruning(model, "{method}", {inner})`'
+
+
 def measure(hidden: int, layers: int, *, dtype=torch.float32, budget: int = 64, layer: int = 2, repeats: int = 5,
-            backend: str = "auto") -> dict:
-    from . import apply_mob
+            backend: str = "auto", method: str = "mob") -> dict:
+    from . import apply_pruning
 
     model = build_model(hidden, layers, dtype=dtype)
     inputs = make_inputs(dtype=dtype)
-    handle = apply_mob(model, budget=budget, layer=layer, mode="layer", backend=backend, record=False)
+    args = pruning_arguments(method, layers, budget, layer)
+    handle = apply_pruning(model, method, backend=backend, record=False, **args)
     handle.remove()  # re-applied per pruned run below; remove() is exact, so the unpruned runs see the plain model
 
     def timed(pruned: bool) -> tuple[float, float, float]:
-        h = apply_mob(model, budget=budget, layer=layer, mode="layer", backend=backend, record=False) if pruned \
-            else None
+        h = apply_pruning(model, method, backend=backend, record=False, **args) if pruned else None
         try:
             with torch.inference_mode():
                 c0, t0 = time.process_time(), time.perf_counter()
@@ -104,11 +159,14 @@ def measure(hidden: int, layers: int, *, dtype=torch.float32, budget: int = 64, 
         pruned_cpu.append(cpu)
         select.append(sel)
     n_tokens = inputs["input_ids"].shape[1]
+    n_image = (IMAGE_SIZE // PATCH) ** 2
+    per_layer = layer_tokens(method, layers, n_tokens, n_image, budget, layer)
     full_ms, pruned_ms, sel_ms = (1e3 * statistics.median(x) for x in (full, pruned, select))
     return {
+        "method": method, "call": _call_text(method, args), "layer_tokens": per_layer,
         "hidden": hidden, "layers": layers, "dtype": str(dtype).replace("torch.", ""), "budget": budget,
-        "layer": layer, "backend": backend, "tokens": n_tokens, "image_tokens": (IMAGE_SIZE // PATCH) ** 2,
-        "tokens_after_pruning": n_tokens - (IMAGE_SIZE // PATCH) ** 2 + budget, "repeats": repeats,
+        "layer": layer, "backend": backend, "tokens": n_tokens, "image_tokens": n_image,
+        "tokens_after_pruning": per_layer[-1], "repeats": repeats,
         "unpruned_ms": full_ms, "pruned_ms": pruned_ms, "speedup": full_ms / pruned_ms,
         "selection_ms": sel_ms, "selection_share": sel_ms / pruned_ms,
         # CPU time of the process: what the work costs, less sensitive than wall time to other jobs on the machine.
@@ -139,6 +197,8 @@ def _values(rows: list[dict], key: str) -> str:
 def to_markdown(rows: list[dict], where: str, command: str = "python -m mob_kernels.integrations.prefill_bench") -> str:
     """The report of one run, every number in its text taken from ``rows``; ``command`` is the run's own command
     line, given as the way to reproduce it."""
+    if any(r.get("method", "mob") != "mob" for r in rows):
+        return _methods_markdown(rows, where, command)
     if not rows:
         return f"# Prefill with MoB pruning (CPU)\n\nMachine: {where}.\n\nNo configuration was measured.\n\n" \
                f"Reproduce: `{command}`\n"
@@ -192,6 +252,47 @@ def to_markdown(rows: list[dict], where: str, command: str = "python -m mob_kern
     return "\n".join(lines)
 
 
+def _methods_markdown(rows: list[dict], where: str, command: str) -> str:
+    """The report of a ``--methods`` run: one row per method and configuration."""
+    r0 = rows[0]
+    text = r0["tokens"] - r0["image_tokens"]
+    calls = "; ".join(f"{m}: {c}" for m, c in dict.fromkeys((r["method"], r["call"]) for r in rows))
+    met = [r for r in rows if r["speedup"] >= TARGETS["speedup"] and r["selection_share"] <= TARGETS["selection_share"]]
+    lines = [
+        "# Prefill with visual-token pruning, per method (CPU)",
+        "",
+        f"Machine: {where}.",
+        "",
+        f"LLaVA-1.5-shaped `LlavaForConditionalGeneration`, random weights: {r0['image_tokens']} image tokens + {text} "
+        f"text tokens ({r0['tokens']} in all), tiny vision tower; one prefill forward with `logits_to_keep=1`. "
+        f"Pruned, per method: {calls}; backend {_values(rows, 'backend')}. Unpruned and pruned runs alternate in one "
+        f"process; medians of {_values(rows, 'repeats')} runs each. Selection = time inside the hooks choosing tokens "
+        "(the last-token attention included where the method reads it), as a share of the pruned prefill. CPU-time "
+        "speed-up: the same ratio on the process's CPU time, less sensitive to other jobs sharing the machine.",
+        "",
+        f"Targets: speed-up >= {TARGETS['speedup']:g}x with a selection share <= "
+        f"{100 * TARGETS['selection_share']:g}%; met by {len(met)} of {len(rows)} rows.",
+        "",
+        "| method | hidden | layers | dtype | threads | unpruned (ms) | pruned (ms) | speed-up | selection (ms) "
+        "| selection share | CPU-time speed-up | ceiling |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        bound = r["layers"] * r["tokens"] / sum(r["layer_tokens"])
+        lines.append(
+            f"| {r['method']} | {r['hidden']} | {r['layers']} | {r['dtype']} | {r['threads']} | {r['unpruned_ms']:.1f} "
+            f"| {r['pruned_ms']:.1f} | {r['speedup']:.2f}x | {r['selection_ms']:.2f} | "
+            f"{100 * r['selection_share']:.2f}% | {r['cpu_speedup']:.2f}x | {bound:.2f}x |"
+        )
+    lines += [""]
+    for method, layers, per_layer in dict.fromkeys((r["method"], r["layers"], tuple(r["layer_tokens"])) for r in rows):
+        lines.append(f"Ceiling of {method} at {layers} layers: the layers run on {', '.join(map(str, per_layer))} "
+                     f"tokens, so linear-cost layers bound the speed-up by {layers} * {r0['tokens']} / "
+                     f"{sum(per_layer)} = {layers * r0['tokens'] / sum(per_layer):.2f}x.")
+    lines += ["", f"Reproduce: `{command}` (writes this file and its `.json`).", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one small configuration, float32 only")
@@ -201,6 +302,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="bench/results/prefill_cpu", help="path without suffix for the .md and .json")
     ap.add_argument("--configs", default="", help="hidden x layers list, e.g. 1024x16,2048x8 (default: all)")
+    ap.add_argument("--methods", default="mob",
+                    help="comma-separated methods, one row each per configuration: mob, d2pruner, btp, divprune, "
+                         "cdpruner (default: mob)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     command = " ".join(["python -m mob_kernels.integrations.prefill_bench", *(shlex.quote(a) for a in argv)])
@@ -211,13 +315,24 @@ def main(argv=None) -> list[dict]:
     configs = QUICK if args.quick else CONFIGS
     if args.configs:
         configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+    from .hf import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        ap.error(f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {args.methods!r}")
     for hidden, layers in configs:
         for dt in dtypes:
-            row = measure(hidden, layers, dtype=getattr(torch, dt), repeats=args.repeats, backend=args.backend)
-            rows.append(row)
-            print(f"hidden={hidden} layers={layers} {dt}: unpruned {row['unpruned_ms']:.1f} ms, pruned "
-                  f"{row['pruned_ms']:.1f} ms ({row['speedup']:.2f}x), selection {row['selection_ms']:.2f} ms "
-                  f"({100 * row['selection_share']:.2f}%)", flush=True)
+            for method in methods:
+                # MoB's row keeps measure()'s original call; the other methods name themselves.
+                extra = {} if method == "mob" else {"method": method}
+                row = measure(hidden, layers, dtype=getattr(torch, dt), repeats=args.repeats, backend=args.backend,
+                              **extra)
+                row.setdefault("method", method)
+                rows.append(row)
+                print(f"{method} hidden={hidden} layers={layers} {dt}: unpruned {row['unpruned_ms']:.1f} ms, pruned "
+                      f"{row['pruned_ms']:.1f} ms ({row['speedup']:.2f}x), selection {row['selection_ms']:.2f} ms "
+                      f"({100 * row['selection_share']:.2f}%)", flush=True)
     where = machine()
     try:
         where += f"; load average at the end of the run {os.getloadavg()[0]:.1f} (other jobs share the machine)"
