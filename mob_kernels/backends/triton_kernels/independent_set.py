@@ -18,14 +18,19 @@ pick's adjacency row into the blocked set. Equal to the sequential scan by const
 
 How (grid = (T(T+1)/2, B), T = cdiv(N, BM); every program is one tile, the last of a sample's tiles walks it):
   tile   [BM x BM] upper-triangle tile (ti <= tj) of S (the Gram tile code of mob_select.py: same loads, same dot
-         precision, same d block, same scaling), thresholded in registers -- no float Gram is written. The strictly
-         upper part (i < j, so the diagonal tile is symmetric bit for bit, as the Gram primitive's) is packed into
-         32-bit words with BM/32 masked row-sum reductions per direction and stored twice: rows i get the words of
-         columns j, rows j the words of rows i (a diagonal tile ORs both into the same words). Adjacency is
-         [N, W] int32 per sample, W = cdiv(N, 32) (18 words per row at N = 576, 90 at N = 2880): N²/8 bytes,
-         1/32 of a float Gram. The same tile counts, for every token, the candidates of the other block that come
-         before it in (rank, index) order and stores the count in a [T, N] int32 partial table (no atomics: each
-         (row block, column block) pair is covered by exactly one tile).
+         precision, same d block, same scaling), thresholded in registers -- no float Gram is written. Adjacency is
+         [N, W] int32 per sample, W = cdiv(N, 32) (18 words per row at N = 576, 90 at N = 2880): N²/8 bytes, 1/32 of
+         a float Gram. The strictly upper part (i < j: the diagonal tile is symmetric bit for bit, as the Gram
+         primitive mirrors its upper half) is packed into 32-bit words by BM/32 masked sum reductions per direction
+         (the bits are disjoint, so a sum is an OR) and stored twice: rows i get the words of columns j, rows j the
+         words of rows i (a diagonal tile ORs both into the same words). Every word has exactly one owning tile.
+         Before its Gram loop (so that none of it is live next to the accumulators), 32 rows at a time, a tile
+           - counts for every token the candidates of the other block that come before it in (rank, index) order
+             into a [T, N] int32 table (no atomics: each (row block, column block) pair has one tile);
+           - with a grid, packs the spatial-neighbour mask (int64 Chebyshev distances, as the reference computes
+             them) into the very adjacency words it owns; after the loop each pair reads its bit back (a gather
+             of L1-resident words) to choose near or far, and the final words overwrite them. Per-pair int64 grid
+             values next to the accumulators cost ~100 registers more (ptxas: 240+ and spills at BM = 128).
   walk   run by the LAST tile program of the sample to arrive at its atomic ticket (acq_rel, gpu scope, after a CTA
          barrier; it resets the ticket to 0 so the cached ticket buffer needs no memset), as the FPS tail of
          mob_select.py. pos(i) = the sum of i's T partial counts: each candidate's place in the visiting order,
@@ -33,8 +38,10 @@ How (grid = (T(T+1)/2, B), T = cdiv(N, BM); every program is one tile, the last 
          INT32_MAX once picked, blocked or not a candidate) -- the availability set, spread one lane per token; a
          step is one (value, index) min tree reduction, one dependent load of the pick's adjacency row (each warp
          reads the one 32-bit word its 32 consecutive tokens share: a broadcast) and a shift / and / select per
-         token; it stops at min(num_picks, k) picks or when nothing is available. Beyond ONCHIP_MAX_N the keys live
-         in the workspace and a step is one pass over them in CH-wide chunks.
+         token; it stops at min(num_picks, k) picks or when nothing is available. (A packed availability bitset of
+         W words would have to be unpacked to one lane per token for that argmin anyway; walked candidate by
+         candidate instead, it would take one dependent step per candidate, ~N, instead of one per pick.) Beyond
+         ONCHIP_MAX_N the keys live in the workspace and a step is one pass over them in CH-wide chunks.
 
 Why sequential and not the parallel-round formulation (an undecided candidate joins when its position beats every
 undecided neighbour's; winners and their neighbours are decided; truncated to the first m picks it is the same set):
@@ -47,8 +54,12 @@ matrix passes plus a grid-wide barrier per round if the sample were spread over 
 
 Cost estimate (H100; NOT measured -- no GPU was available while this was written):
   tiles  as the MoB Gram (LLaVA-1.5 bf16, N = 576, d = 4096: 45 tiles of 64 x 64, each streaming 1 MB of bf16 from
-         L2, ~5-9 µs); the epilogue adds ~4·BM² compare/select/shift ops and 2·BM/32 row reductions of the tile,
-         <5 % of the tile's BM²·d MACs; stores 41 KB of adjacency instead of a 1.3 MB float Gram.
+         L2, ~5-9 µs); the pre-pass and the epilogue add ~10-20·BM² integer / compare / select ops and 2·BM/32 tile
+         reductions (4·BM/32 with a grid), a few % of the tile's BM²·d MACs at d = 4096; the tile stores 41 KB of
+         adjacency in all instead of a 1.3 MB float Gram. Registers (ptxas for sm_90, see the AOT test): 104 (no
+         grid) / 152 (grid) at BM = 64 with 4 warps, 201-254 at BM = 128 with 8 warps (the MoB Gram alone: 113 /
+         194), no spills; float32 with a grid at BM = 128: 255 and a 48-byte stack (3xTF32 is at the limit there,
+         as in the MoB select's float32 128-tile).
   walk   prologue: T coalesced loads of N int32 (~1-2 µs). Step: the min tree (in-thread over BLOCK_N / (32·warps)
          keys, 5 shuffle levels of (value, index) pairs, one shared-memory round across the warps, ~300-400 cycles),
          the dependent L2 load of the row words (~300-500 cycles), ~5 ALU ops per key a thread holds (8 at N = 576
@@ -61,7 +72,8 @@ Cost estimate (H100; NOT measured -- no GPU was available while this was written
 
 Host side: one ``torch.empty`` int32 workspace ([B, N, W] adjacency, [B, T, N] partial counts, [B, N] keys for the
 tiled walk), the output, a cached ticket buffer and one launch. The batch runs in chunks whose workspace fits
-ADJ_BYTES (one chunk for model shapes). Shapes map to block sizes through one cached ``_launch_plan``.
+ADJ_BYTES (one chunk for model shapes). Shapes map to block sizes through one cached ``_launch_plan``. Offsets inside
+one sample's adjacency are int32: N < 262144 (an 8 GiB bit matrix per sample).
 
 Knobs (module constants, or keyword arguments of the launcher for tests and tuning): ADJ_BYTES, ONCHIP_MAX_N;
 block_m (a multiple of 32; 64 while the 64-tiles fit ~2 waves, else 128, as the Gram primitive chooses), onchip,
@@ -440,8 +452,8 @@ def independent_set(vis, rank, num_picks, k, near, far, grid, radius, **knobs):
         return out
     if N == 0:
         return out.fill_(-1)
-    if N >= 2**31:
-        raise ValueError(f"N must be < 2^31 for the int32 positions, got N={N}")
+    if N * triton.cdiv(N, 32) >= 2**31:  # int32 offsets within one sample's adjacency (N < 262144)
+        raise ValueError(f"N must be below 262144 for one sample's bit-packed adjacency, got N={N}")
     launch, n_prog, per_call, ws_words = _launch_plan(
         B, N, d, vis.dtype, _interpreting(), _sm_count(dev.index) if dev.type == "cuda" else 132, ADJ_BYTES,
         ONCHIP_MAX_N, grid is not None, tuple(sorted((a, v) for a, v in knobs.items() if v is not None)))
