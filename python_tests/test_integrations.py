@@ -471,7 +471,7 @@ _PADDED_CASES = {"mob": dict(budget=6), "d2pruner": dict(budget=6), "btp": dict(
 
 
 @pytest.mark.parametrize("which, method", [("llava", "mob"), ("llava", "d2pruner"), ("llava", "btp"),
-                                           ("qwen2", "btp")])
+                                           ("qwen2", "d2pruner"), ("qwen2", "btp")])
 def test_left_padded_batch_equals_rows_alone(request, which, method):
     model = request.getfixturevalue(which)
     batch, rows, width = _left_padded(which)
@@ -1075,7 +1075,7 @@ def test_mob_released_anchors_in_the_model(llava):
         lambda m, a, k: seen.update(h=a[0] if a else k["hidden_states"], pe=k["position_embeddings"]),
         with_kwargs=True)
     try:
-        logits(llava, input_ids=ids, pixel_values=px)
+        logits_plain = logits(llava, input_ids=ids, pixel_values=px)
     finally:
         hook.remove()
     blk = lm.layers[2]
@@ -1099,6 +1099,8 @@ def test_mob_released_anchors_in_the_model(llava):
     assert len(rec.indices) == budget
     assert torch.equal(rec.indices, torch.sort(torch.cat([cover[0][cover[0] >= 0], more[0]])).values)
     assert torch.equal(rec.prompt_indices, torch.sort(cover[0][cover[0] >= 0]).values)
+    with apply_mob(llava, budget=N_LLAVA, anchors="released"):  # keeping every token changes nothing
+        assert torch.equal(logits(llava, input_ids=ids, pixel_values=px), logits_plain)
     with pytest.raises(ValueError, match="released"):
         apply_mob(llava, anchors="released", mode="input")
 
