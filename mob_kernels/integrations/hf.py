@@ -550,8 +550,9 @@ class PruningHandle:
         valid = mask2d.to(dev).bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
         p_idx, prompt, p_mask = self._prompt(feats, runs, valid)
         key_norms = None
-        if self.anchors == "released" and p_idx is not None:
-            pe = tuple(_index_tokens(c, p_idx) for c in position_embeddings)
+        if self.anchors == "released" and p_idx is not None and hidden is not None:
+            cos, sin = position_embeddings
+            pe = (_index_tokens(cos, p_idx), _index_tokens(sin, p_idx))
             keys = layer_keys(self._lm.layers[self.layer], _index_seq(hidden, p_idx), pe)  # [B, H_kv, Lp, hd]
             key_norms = keys.float().abs().sum(dim=(1, 3))  # L1 over the heads' concatenation
 
@@ -800,7 +801,7 @@ class PruningHandle:
             first_tile = lay.tiles[0][0] * lay.tiles[0][1] if lay is not None else n0
             a = _stage_arguments(stage, n, n0, first_tile)
             k = a["k"]
-            if k == 0:
+            if k == 0 or scores is None:
                 picks = torch.empty(B, 0, dtype=torch.int64, device=dev)
             else:
                 h_img = _index_seq(hidden, pos)

@@ -83,7 +83,9 @@ def btp_plan(layers: int) -> list[dict]:
 
     plan, previous = [], 1
     for stage in SCHEDULES["llava"]:
-        at = max(previous + 1, round(stage["layer"] * layers / 32), 2)
+        layer = stage["layer"]
+        assert isinstance(layer, int)
+        at = max(previous + 1, round(layer * layers / 32), 2)
         if at > layers:
             break
         plan.append(dict(stage, layer=at))

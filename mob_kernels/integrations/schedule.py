@@ -77,9 +77,10 @@ def _scaled_llava() -> list[dict[str, Any]]:
     for stage in SCHEDULES["llava"]:
         s = dict(stage)
         for key in ("keep",) + COUNT_KEYS:
-            if isinstance(s.get(key), int) and (key != "keep" or s[key] > 0):
-                s[key] = f"round({s[key]}*T/{_LLAVA_TOKENS})" if key == "spatial_seed" else \
-                    f"round({s[key]}*N/{_LLAVA_TOKENS})"
+            value = s.get(key)
+            if isinstance(value, int) and (key != "keep" or value > 0):
+                s[key] = f"round({value}*T/{_LLAVA_TOKENS})" if key == "spatial_seed" else \
+                    f"round({value}*N/{_LLAVA_TOKENS})"
         plan.append(s)
     return plan
 
