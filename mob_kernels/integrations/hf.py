@@ -808,6 +808,9 @@ class PruningHandle:
                 a_img = torch.gather(scores, 2, pos.unsqueeze(1).expand(-1, scores.shape[1], -1))  # [B, H, n]
                 seed = None
                 if a.get("spatial_seed", 0) > 0:
+                    if not torch.equal(local, local[:1].expand_as(local)):
+                        raise NotImplementedError("mob_kernels: a BTP spatial seed after rows have kept different "
+                                                  "tokens (the op takes one seed for the batch); seed the first stage")
                     cells = _layout.spatial_seed_in_first_tile(lay, n0, a["spatial_seed"]).to(dev)
                     hit = local[0].unsqueeze(0) == cells.unsqueeze(1)  # seed cells still present, in seed order
                     seed = hit.float().argmax(1)[hit.any(1)]
@@ -832,8 +835,9 @@ class PruningHandle:
                         ok = usable(h_img, None)
                         score = a_img.float().mean(dim=1)
                         if a["mode"] == "union":
+                            rebalance = a.get("rebalance")
                             att = attention_picks(score, a.get("n_attn", 0), a.get("n_extra", 0),
-                                                  a.get("rebalance", -1) if a.get("rebalance") is not None else -1, ok)
+                                                  -1 if rebalance is None else rebalance, ok)
                         else:
                             m = min(a.get("n_attn", 0), k)
                             att = attention_picks(score, m, m, -1, ok)
