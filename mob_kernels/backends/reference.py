@@ -184,8 +184,9 @@ class ReferenceBackend:
         eye = torch.eye(N, dtype=torch.bool, device=dev)
         edge = (sim > threshold) & ~eye  # NaN similarities make no edge
         # Walk the candidates in rank order: one step per rank position, all samples at once.
-        # Candidates by rank (ties to the lower index), then every non-candidate.
-        order = torch.sort(torch.where(rank >= 0, rank, torch.iinfo(torch.int64).max), dim=1, stable=True).indices
+        # Candidates by rank (ties to the lower index), then every non-candidate: two stable sorts, rank then group.
+        by_rank = torch.sort(rank, dim=1, stable=True).indices
+        order = by_rank.gather(1, torch.sort((rank < 0).long().gather(1, by_rank), dim=1, stable=True).indices)
         n_cand = (rank >= 0).sum(1)
         blocked = torch.zeros(B, N, dtype=torch.bool, device=dev)
         count = torch.zeros(B, dtype=torch.int64, device=dev)
