@@ -249,30 +249,29 @@ def divprune_margin(vis: Tensor, k: int, valid: Tensor | None = None) -> float:
     return margin
 
 
-def dpp_margin(vis: Tensor, relevance: Tensor, k: int, valid: Tensor | None = None, stop: float = 1e-5) -> float:
-    """CDPruner's greedy DPP (contract §3.3) on one sample in float64: the smallest margin, relative to the largest
-    diagonal entry of the kernel, between each step's best and second-best gain, and between the best gain and the
-    stopping threshold."""
-    ok = usable64(vis, valid) & torch.isfinite(relevance)
-    if not _finite_rows(vis[ok]):
-        return 0.0
-    r = torch.where(ok, relevance.double(), 0.0)
-    v_hat, _ = _unit64(vis.masked_fill(~ok.unsqueeze(1), 0))
-    kern = r.unsqueeze(1) * (v_hat @ v_hat.T) * r.unsqueeze(0)
-    d2 = torch.diagonal(kern).clone().masked_fill(~ok, -INF)
-    scale = float(torch.diagonal(kern)[ok].max()) if bool(ok.any()) else 1.0
-    if scale <= 0:
-        return INF
-    cis = []
-    margin = INF
-    for _ in range(min(k, int(ok.sum()))):
+def dpp_replay(vis: Tensor, relevance: Tensor, valid: Tensor, k: int, stop: float = 1e-5):
+    """The greedy DPP (contract §2.4) on one sample in float64: (order, gains, per-step margins relative to the
+    largest usable diagonal entry: best vs second best, and best vs the stopping threshold). Unusable tokens' rows and
+    columns are 0."""
+    r = torch.where(valid, relevance.double(), 0.0)
+    v_hat, _ = _unit64(vis.masked_fill(~valid.unsqueeze(1), 0))
+    kern = (r.unsqueeze(1) * (v_hat @ v_hat.T) * r.unsqueeze(0)).masked_fill(~(valid[:, None] & valid[None, :]), 0.0)
+    d2 = torch.diagonal(kern).clone().masked_fill(~valid, -INF)
+    scale = float(torch.diagonal(kern)[valid].max()) if bool(valid.any()) else 0.0
+    cis: list[Tensor] = []
+    order: list[int] = []
+    gains: list[float] = []
+    margins: list[float] = []
+    for _ in range(min(k, int(valid.sum()))):
         top = torch.topk(d2, min(2, d2.numel())).values
         best = float(top[0])
-        margin = min(margin, abs(best - stop * scale) / scale)
-        if best <= stop * scale:
+        m = abs(best - stop * scale) / scale if scale > 0 else INF
+        if not best > stop * scale:
+            margins.append(m)
             break
         if top.numel() == 2 and math.isfinite(float(top[1])):
-            margin = min(margin, float(top[0] - top[1]) / scale)
+            m = min(m, float(top[0] - top[1]) / scale)
+        margins.append(m)
         j = int(d2.argmax())
         e = kern[j].clone()
         for c in cis:
@@ -281,7 +280,42 @@ def dpp_margin(vis: Tensor, relevance: Tensor, k: int, valid: Tensor | None = No
         cis.append(e)
         d2 = d2 - e * e
         d2[j] = -INF
-    return margin
+        order.append(j)
+        gains.append(best)
+    return order, gains, margins
+
+
+def dpp_margin(vis: Tensor, relevance: Tensor, k: int, valid: Tensor | None = None, stop: float = 1e-5) -> float:
+    """CDPruner's greedy DPP (contract §3.3) on one sample: the smallest margin of ``dpp_replay``."""
+    ok = usable64(vis, valid) & torch.isfinite(relevance)
+    if not _finite_rows(vis[ok]):
+        return 0.0
+    margins = dpp_replay(vis, relevance, ok, k, stop)[2]
+    return min(margins, default=INF)
+
+
+def token_grid(B: int, N: int, kind: str, seed: int = 0) -> Tensor | None:
+    """A (tile, row, col) grid for the independent set: None, one square grid as D2Pruner assumes (a batch-stride-0
+    view), or random tiles and coordinates with collisions."""
+    from mob_kernels.methods.d2pruner import square_grid
+
+    if kind == "none":
+        return None
+    if kind == "square":
+        return square_grid(N, torch.device("cpu")).expand(B, N, 3)
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(0, 2, (B, N), generator=g), torch.randint(0, 5, (B, N), generator=g),
+                        torch.randint(0, 5, (B, N), generator=g)], dim=-1)
+
+
+def random_ranks(B: int, N: int, seed: int, drop: float = 0.25, ties: bool = True) -> Tensor:
+    """A random visiting order per sample with some non-candidates (-1) and, optionally, tied ranks."""
+    g = torch.Generator().manual_seed(seed)
+    rank = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    if ties:
+        rank = rank // 2  # pairs of tokens share a rank: the lower index goes first
+    rank[torch.rand(B, N, generator=g) < drop] = -1
+    return rank
 
 
 def _finite_rows(x: Tensor) -> bool:

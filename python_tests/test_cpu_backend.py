@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from mob_kernels.backends.reference import DPP_STOP, ReferenceBackend as R
-from mob_testing import DTYPES, WELL_CONDITIONED, backends
+from mob_testing import DTYPES, WELL_CONDITIONED, backends, dpp_replay
 
 pytestmark = pytest.mark.skipif("cpu" not in backends(), reason="the C++ extension is not built")
 
@@ -86,36 +86,9 @@ def _fps_replay(vis, seeds, num_picks, k, valid):
 
 
 def _dpp_replay(vis, rel, valid, k):
-    """The reference's greedy DPP on one sample in float64: (order, smallest margin relative to the largest valid
-    diagonal entry: best vs runner-up at every step, and best vs the stopping threshold)."""
-    v_hat, _ = _unit64(vis)
-    r = torch.where(valid, rel.double(), 0.0)
-    kern = r.unsqueeze(1) * (v_hat @ v_hat.T) * r.unsqueeze(0)
-    d2 = torch.diagonal(kern).clone()
-    scale = float(d2.masked_fill(~valid, 0).max())
-    if not scale > 0:
-        return [], 0.0
-    stop = DPP_STOP * scale
-    d2 = d2.masked_fill(~valid, -INF)
-    order, margin, cis = [], INF, []
-    for _ in range(k):
-        top = torch.topk(d2, min(2, d2.numel())).values
-        best = float(top[0])
-        margin = min(margin, abs(best - stop) / scale)
-        if not best > stop:
-            break
-        if top.numel() == 2 and math.isfinite(float(top[1])):
-            margin = min(margin, (best - float(top[1])) / scale)
-        j = int(d2.argmax())
-        e = kern[j].clone()
-        for c in cis:
-            e -= c[j] * c
-        e /= math.sqrt(best)
-        cis.append(e)
-        d2 = d2 - e * e
-        d2[j] = -INF
-        order.append(j)
-    return order, margin
+    """(order, smallest margin) of the float64 replay of the greedy DPP."""
+    order, _, margins = dpp_replay(vis, rel, valid, k, DPP_STOP)
+    return order, min(margins, default=INF)
 
 
 # ------------------------------------------------------------------------------------------------------------ gram

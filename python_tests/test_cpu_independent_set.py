@@ -22,7 +22,7 @@ import torch
 import mob_kernels
 from mob_kernels.backends.reference import ReferenceBackend as R
 from mob_kernels.methods.d2pruner import edge_thresholds, square_grid
-from mob_testing import DTYPES, WELL_CONDITIONED, backends, gaussian
+from mob_testing import DTYPES, WELL_CONDITIONED, backends, gaussian, random_ranks, token_grid
 
 pytestmark = pytest.mark.skipif("cpu" not in backends(), reason="the C++ extension is not built")
 
@@ -72,27 +72,6 @@ def _margin(vis, thresholds):
     return min((float(g.min()) for g in gaps if g.numel()), default=INF)
 
 
-def _grid(B, N, kind, seed=0):
-    """None, one square grid (as D2Pruner assumes), or random tiles and coordinates with collisions."""
-    if kind == "none":
-        return None
-    if kind == "square":
-        return square_grid(N, torch.device("cpu")).expand(B, N, 3)  # a view with batch stride 0
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randint(0, 2, (B, N), generator=g), torch.randint(0, 5, (B, N), generator=g),
-                        torch.randint(0, 5, (B, N), generator=g)], dim=-1)
-
-
-def _ranks(B, N, seed, drop=0.25, ties=True):
-    """A random visiting order per sample with some non-candidates (-1) and, optionally, tied ranks."""
-    g = torch.Generator().manual_seed(seed)
-    rank = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
-    if ties:
-        rank = rank // 2  # pairs of tokens share a rank: the lower index goes first
-    rank[torch.rand(B, N, generator=g) < drop] = -1
-    return rank
-
-
 def _well_conditioned(B, N, d, dtype, near, far, seed=0):
     for s in range(seed, seed + 80):
         vis = gaussian((B, N, d), dtype, s)
@@ -125,8 +104,8 @@ def test_matches_reference(isa, dtype, spec, kind, radius):
     near, far = _thresholds(spec)
     B, N, d = 6, 49, 6  # low dimension: similar pairs exist, so the graph has edges
     vis = _well_conditioned(B, N, d, dtype, near, far, seed=B * N + radius)
-    grid = _grid(B, N, kind, seed=radius)
-    rank = _ranks(B, N, seed=d)
+    grid = token_grid(B, N, kind, seed=radius)
+    rank = random_ranks(B, N, seed=d)
     rank[4] = -1  # a sample without candidates
     rank[5, 10:] = -1  # a few candidates only
     for k, num_picks in [(N, [0, 3, N, N, 5, N]), (12, [12, 40, 1, 7, 12, 12]), (0, [0, 1, 2, 3, 4, 5])]:
@@ -145,8 +124,8 @@ def test_nan_rows_make_no_edges(isa, alpha):
     vis[0, ::4] = float("nan")
     vis[1, 1::5, 2] = float("nan")
     vis[1, 2::7, 0] = INF
-    grid = _grid(B, N, "square")
-    rank = _ranks(B, N, seed=1, drop=0.1)
+    grid = token_grid(B, N, "square")
+    rank = random_ranks(B, N, seed=1, drop=0.1)
     num_picks = torch.tensor([N, N])
     want = R.independent_set(vis, rank, num_picks, N, near, far, grid, 1)
     got = C.independent_set(vis, rank, num_picks, N, near, far, grid, 1)
@@ -205,9 +184,9 @@ def test_matches_gram_walk_on_any_input(isa, gram_walk, dtype, d):
         (float("nan"), 0.5), (0.5, float("nan")),
     ]
     for kind, radius in [("none", 1), ("tiles", 1), ("tiles", 3), ("square", 0)]:
-        grid = _grid(B, N, kind, seed=radius)
+        grid = token_grid(B, N, kind, seed=radius)
         for t, (near, far) in enumerate(thresholds):
-            rank = _ranks(B, N, seed=t, drop=0.1)
+            rank = random_ranks(B, N, seed=t, drop=0.1)
             num_picks = torch.tensor([N, 4, N // 2])
             want = gram_walk(vis, rank, num_picks, N, near, far, grid, radius)
             got = C.independent_set(vis, rank, num_picks, N, near, far, grid, radius)
@@ -228,8 +207,8 @@ def _clustered(B, N, d, dtype, seed):
 def test_large_walks_match_gram_walk(isa, gram_walk, dtype, B):
     N, d = 700, 160
     vis = _clustered(B, N, d, dtype, seed=B)
-    rank = _ranks(B, N, seed=2, drop=0.05, ties=False)
-    grid = _grid(B, N, "tiles", seed=4)
+    rank = random_ranks(B, N, seed=2, drop=0.05, ties=False)
+    grid = token_grid(B, N, "tiles", seed=4)
     for near, far, limit in [(0.5, 0.5, N), (0.45, 0.6, 200), (0.5, 1.6, N), (-INF, INF, N), (0.7, 0.4, 30)]:
         num_picks = torch.full((B,), limit)
         want = gram_walk(vis, rank, num_picks, N, near, far, grid, 2)
@@ -241,7 +220,7 @@ def test_large_walks_match_gram_walk(isa, gram_walk, dtype, B):
 def test_grid_views_and_dtypes_are_read_in_place_or_converted():
     B, N, d = 2, 25, 4
     vis = gaussian((B, N, d), torch.float32, 9)
-    rank = _ranks(B, N, seed=3, drop=0.0)
+    rank = random_ranks(B, N, seed=3, drop=0.0)
     num_picks = torch.tensor([N, N])
     near, far = edge_thresholds(0.8, 0.5)
     shared = square_grid(N, torch.device("cpu"))

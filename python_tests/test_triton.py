@@ -12,7 +12,6 @@ FPS with a valid mask and for the DPP); validity (k distinct sorted in-range ind
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from mob_testing import (
     assert_valid,
     cover_margin,
     decision_margin,
+    dpp_replay,
     gaussian,
     problem,
     well_conditioned,
@@ -93,38 +93,6 @@ def fps_replay(vis, seed, num_picks, k, valid=None):
         off[pick] = True
         dist = torch.minimum(dist, 1.0 - v_hat @ v_hat[pick])
     return picks + [-1] * (k - len(picks)), margin
-
-
-def dpp_replay(vis, relevance, valid, k, stop=1e-5):
-    """The reference greedy DPP on one sample in float64: (order, gains, per-step margins relative to the largest
-    valid diagonal entry: best vs second best, and best vs the stopping threshold). Invalid rows/columns are 0."""
-    r = torch.where(valid, relevance.double(), 0.0)
-    v_hat, _ = _unit64(vis)
-    kern = (r.unsqueeze(1) * (v_hat @ v_hat.T) * r.unsqueeze(0)).masked_fill(~(valid[:, None] & valid[None, :]), 0.0)
-    d2 = torch.diagonal(kern).clone().masked_fill(~valid, -INF)
-    scale = float(torch.diagonal(kern)[valid].max()) if bool(valid.any()) else 0.0
-    cis, order, gains, margins = [], [], [], []
-    for _ in range(k):
-        top = torch.topk(d2, min(2, d2.numel())).values
-        best = float(top[0])
-        m = abs(best - stop * scale) / scale if scale > 0 else INF
-        if best <= stop * scale:
-            margins.append(m)
-            break
-        if top.numel() == 2 and math.isfinite(float(top[1])):
-            m = min(m, float(top[0] - top[1]) / scale)
-        margins.append(m)
-        j = int(d2.argmax())
-        e = kern[j].clone()
-        for c in cis:
-            e -= c[j] * c
-        e /= math.sqrt(best)
-        cis.append(e)
-        d2 = d2 - e * e
-        d2[j] = -INF
-        order.append(j)
-        gains.append(best)
-    return order, gains, margins
 
 
 def conditioned_prefix(margins):

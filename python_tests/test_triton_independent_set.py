@@ -31,7 +31,7 @@ import mob_kernels
 from mob_kernels import registry
 from mob_kernels.backends.reference import ReferenceBackend as R
 from mob_kernels.methods.d2pruner import edge_thresholds, square_grid
-from mob_testing import DTYPES, WELL_CONDITIONED, gaussian
+from mob_testing import DTYPES, WELL_CONDITIONED, gaussian, random_ranks, token_grid
 
 triton = pytest.importorskip("triton")
 
@@ -81,28 +81,6 @@ def _well_conditioned(B, N, d, dtype, near, far, seed=0):
     raise AssertionError("no well-conditioned independent-set input")
 
 
-def _grid(B, N, kind, seed=0):
-    """None, one square grid as D2Pruner assumes (a batch-stride-0 view), or random tiles and coordinates with
-    collisions."""
-    if kind == "none":
-        return None
-    if kind == "square":
-        return square_grid(N, torch.device("cpu")).expand(B, N, 3)
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randint(0, 2, (B, N), generator=g), torch.randint(0, 5, (B, N), generator=g),
-                        torch.randint(0, 5, (B, N), generator=g)], dim=-1)
-
-
-def _ranks(B, N, seed, drop=0.25, ties=True):
-    """A random visiting order per sample with some non-candidates (-1) and, optionally, tied ranks."""
-    g = torch.Generator().manual_seed(seed)
-    rank = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
-    if ties:
-        rank = rank // 2  # pairs of tokens share a rank: the lower index goes first
-    rank[torch.rand(B, N, generator=g) < drop] = -1
-    return rank
-
-
 def _thresholds(spec):
     return edge_thresholds(0.8, spec) if isinstance(spec, float) else spec
 
@@ -127,8 +105,8 @@ def test_matches_reference(dtype):
     for c, (spec, kind, radius, k) in enumerate(CASES):
         near, far = _thresholds(spec)
         vis = _well_conditioned(B, N, d, dtype, near, far, seed=10 * c)
-        grid = _grid(B, N, kind, seed=radius)
-        rank = _ranks(B, N, seed=c)
+        grid = token_grid(B, N, kind, seed=radius)
+        rank = random_ranks(B, N, seed=c)
         rank[3] = -1  # a sample without candidates
         rank[4, 10:] = -1  # a few candidates only
         num_picks = torch.tensor([0, 3, 2 * N, 7, N])  # no pick; a few; more than the graph (and k) allows
@@ -155,8 +133,8 @@ def test_paths(path):
     dtype = DTYPES[list(PATHS).index(path)]
     near, far = 0.35, 0.6
     vis = _well_conditioned(B, N, d, dtype, near, far, seed=3)
-    grid = _grid(B, N, "tiles", seed=1)
-    rank = _ranks(B, N, seed=2, drop=0.1)
+    grid = token_grid(B, N, "tiles", seed=1)
+    rank = random_ranks(B, N, seed=2, drop=0.1)
     num_picks = torch.tensor([N, 9])
     for g, radius in ((grid, 1), (None, 1)):
         want = R.independent_set(vis, rank, num_picks, N, near, far, g, radius)
@@ -173,8 +151,8 @@ def test_nan_and_infinite_rows_make_no_edges(alpha):
     vis[0, ::4] = float("nan")
     vis[1, 1::5, 2] = float("nan")
     vis[1, 2::7, 0] = INF
-    grid = _grid(B, N, "square")
-    rank = _ranks(B, N, seed=1, drop=0.1)
+    grid = token_grid(B, N, "square")
+    rank = random_ranks(B, N, seed=1, drop=0.1)
     num_picks = torch.tensor([N, N])
     want = R.independent_set(vis, rank, num_picks, N, near, far, grid, 1)
     got = run(vis, rank, num_picks, N, near, far, grid, 1)
@@ -246,10 +224,10 @@ def test_bit_for_bit_with_the_gram_primitive(monkeypatch, dtype):
     sim = R.gram(vis)
     s0 = float(sim[0, 0, 1])  # = near for a pair that must then have no edge
     s1 = float(sim[1, 11, 12])
-    wide = _grid(B, N, "tiles", seed=6)
+    wide = token_grid(B, N, "tiles", seed=6)
     wide[:, ::2, 1] += 2**32  # rows 2^32 apart: not neighbours, though equal in their low 32 bits
     wide[:, :, 2] += 2**40
-    rank = _ranks(B, N, seed=8, drop=0.1)
+    rank = random_ranks(B, N, seed=8, drop=0.1)
     num_picks = torch.tensor([N, N])
     for near, far, grid, radius in ((s0, s1, wide, 1), (s1, s0 + 1e-9, None, 1), (-INF, INF, wide, 2**33)):
         want = R.independent_set(vis, rank, num_picks, N, near, far, grid, radius)
@@ -264,7 +242,7 @@ def test_grid_views_are_read_in_place_and_batch_chunks(monkeypatch):
     B, N, d = 2, 36, 4
     near, far = edge_thresholds(0.8, 0.5)
     vis = _well_conditioned(B, N, d, torch.float32, near, far, seed=9)
-    rank = _ranks(B, N, seed=3, drop=0.0)
+    rank = random_ranks(B, N, seed=3, drop=0.0)
     num_picks = torch.tensor([N, N])
     shared = square_grid(N, torch.device("cpu"))
     want = R.independent_set(vis, rank, num_picks, N, near, far, shared.expand(B, N, 3).contiguous(), 1)
@@ -359,9 +337,9 @@ def test_cuda_workspace_walk_and_gram_bits(monkeypatch):
     # the reference's walk over the Gram primitive's matrix.
     B, N, d = 2, 3000, 256
     vis = dev(_adversarial(B, N, d, seed=3).to(torch.bfloat16))
-    rank = dev(_ranks(B, N, seed=4, drop=0.05))
+    rank = dev(random_ranks(B, N, seed=4, drop=0.05))
     num_picks = dev(torch.tensor([N, 100]))
-    grid = dev(_grid(B, N, "tiles", seed=5))
+    grid = dev(token_grid(B, N, "tiles", seed=5))
     sim = tms.gram(vis)
     monkeypatch.setattr(R, "gram", staticmethod(lambda v: sim))
     for near, far, g in ((0.05, 0.1, None), (float(sim[0, 20, 21]), 0.0, grid)):
