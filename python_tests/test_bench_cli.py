@@ -44,7 +44,8 @@ def test_json_names_the_machine_and_config(tiny_run):
     assert "triton" in m and "gpu" in m and "load_average" in m
     assert result["config"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert result["config"]["presets"] == ["tiny"]
-    assert result["config"]["methods"] == cli.bench_methods() == ["select", "divprune", "cdpruner"]
+    assert result["config"]["methods"] == cli.bench_methods() == ["select", "divprune", "cdpruner", "d2pruner",
+                                                                 "btp_stage"]
     assert result["command"] == "python -m mob_kernels.bench --preset tiny --out " + str(tiny_run[0]) + " " + \
         " ".join(FAST)
 
@@ -170,14 +171,37 @@ def test_parse_shape_defaults_k_p_to_the_budget_rule():
 
 
 def test_presets_follow_the_budget_rule_and_cover_the_methods():
-    nxt = presets.build_preset("llava_next", methods=("select", "divprune", "cdpruner"))
+    nxt = presets.build_preset("llava_next", methods=presets.BENCH_METHODS)
     assert [(c.method, c.N, c.k, c.k_p) for c in nxt] == [("select", 2880, 320, 106), ("divprune", 2880, 320, 0),
-                                                           ("cdpruner", 2880, 320, 0)]
-    l15 = presets.build_preset("llava15", methods=("select", "divprune", "cdpruner"))
+                                                           ("cdpruner", 2880, 320, 0), ("d2pruner", 2880, 320, 0),
+                                                           ("btp_stage", 2880, 1440, 0)]
+    l15 = presets.build_preset("llava15", methods=presets.BENCH_METHODS)
     assert [(c.method, c.k, c.k_p) for c in l15] == [("select", 64, 32), ("select", 128, 48), ("select", 192, 64),
-                                                     ("divprune", 64, 0), ("cdpruner", 64, 0)]
+                                                     ("divprune", 64, 0), ("cdpruner", 64, 0), ("d2pruner", 64, 0),
+                                                     ("btp_stage", 288, 0)]
     assert all((c.N, c.d) == (576, 4096) for c in l15)
-    assert presets.build_preset("qwen2vl", methods=("divprune",)) == []
+    assert presets.build_preset("qwen2vl", methods=("divprune", "d2pruner", "btp_stage")) == []
+
+
+def test_btp_bench_stage_is_the_released_llava_first_stage():
+    (case,) = presets.build_preset("llava15", methods=("btp_stage",))
+    args = presets.btp_stage_args(case)
+    from mob_kernels.methods.btp import SCHEDULES
+
+    first = SCHEDULES["llava"][0]
+    assert case.k == first["keep"] == 288
+    assert (args["mode"], args["n_div"], args["n_attn"], args["rebalance"]) == (
+        first["mode"], first["n_div"], first["n_attn"], first["rebalance"])
+    assert args["n_extra"] == first["n_extra"] and args["seed"].numel() == first["spatial_seed"]
+    assert torch.equal(args["seed"], mob_kernels.methods.spatial_seed(24, 24, 144))
+
+
+def test_the_model_reading_methods_agree_with_the_reference_in_the_tiny_run(tiny_run):
+    *_, result = tiny_run
+    rows = [r for r in result["rows"] if r["method"] in ("d2pruner", "btp_stage")]
+    assert {r["method"] for r in rows} == {"d2pruner", "btp_stage"}
+    assert {r["impl"] for r in rows} >= {"reference", "cpu"}
+    assert all(r["agrees"] for r in rows), [(r["method"], r["impl"], r["dtype"]) for r in rows if not r["agrees"]]
 
 
 def test_gpu_preset_cases_and_columns():
@@ -187,6 +211,8 @@ def test_gpu_preset_cases_and_columns():
     assert got == [("select", 1, 576, 4096, 64, 64, 32, both), ("select", 32, 576, 4096, 64, 64, 32, both),
                    ("select", 1, 2880, 4096, 64, 320, 160, ("bfloat16",)),
                    ("divprune", 1, 576, 4096, 64, 64, 0, both), ("cdpruner", 1, 576, 4096, 64, 64, 0, both)]
+    model_reading = presets.build_preset("gpu", methods=("d2pruner", "btp_stage"))
+    assert [(c.method, c.N, c.k) for c in model_reading] == [("d2pruner", 576, 64), ("btp_stage", 576, 288)]
     assert "160" in cases[2].note and "H100" in cases[2].note  # the one departure from prompt_budget, said
     jobs = cli.plan(cases, list(cli.DEFAULT_DTYPES), False, ["reference", "triton", "cuda"], [], ["select"], "cuda",
                     graphs=True)

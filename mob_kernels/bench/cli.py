@@ -7,7 +7,8 @@
     python -m mob_kernels.bench --preset gpu                    # the GPU check (needs CUDA): eager and CUDA graphs
 
 Methods (``--method``, repeatable; default every registered method a preset has cases for): ``select`` (MoB, with its
-two stages cover and fps timed alone too), ``divprune`` and ``cdpruner``. ``--shape B,N,d,L,k[,k_p]`` (repeatable)
+two stages cover and fps timed alone too), ``divprune``, ``cdpruner``, ``d2pruner`` and ``btp_stage`` (one BTP stage: the
+released LLaVA-1.5 first stage, scaled to the case). ``--shape B,N,d,L,k[,k_p]`` (repeatable)
 adds a custom case for every chosen method; k_p defaults to ``mob_kernels.prompt_budget(k)``.
 
 Every output is checked against the reference backend's output on the same input, so a speed-up is never quoted
@@ -47,6 +48,8 @@ from .presets import (
     Case,
     build_preset,
     grid_side,
+    btp_stage_args,
+    make_importance,
     make_inputs,
     make_relevance,
     parse_shape,
@@ -97,7 +100,8 @@ class Job:
         c = self.case
         base = c.B * c.N * c.d
         return float({"select": base * (c.L + c.k), "cover": base * c.L, "fps": base * c.k,
-                      "divprune": base * (c.N + c.k), "cdpruner": base * c.N + c.B * c.N * c.k * c.k}
+                      "divprune": base * (c.N + c.k), "cdpruner": base * c.N + c.B * c.N * c.k * c.k,
+                      "d2pruner": base * c.N, "btp_stage": base * (c.N + c.k)}
                      .get(self.stage, base * c.k)) or 1.0
 
 
@@ -203,6 +207,7 @@ class CaseInputs:
         self.case, self.dtype, self.device = case, dtype, device
         self.vis, self.prompt = make_inputs(case, DTYPES[dtype], device)
         self.relevance = make_relevance(self.vis, self.prompt) if case.method == "cdpruner" else None
+        self.importance = make_importance(self.vis, self.prompt) if case.method in ("d2pruner", "btp_stage") else None
         self._cover = None
 
     def cover(self):
@@ -231,6 +236,13 @@ class CaseInputs:
             return lambda: mk.divprune(vis, c.k, backend=impl)
         if stage == "cdpruner":
             return lambda: mk.cdpruner(vis, self.relevance, c.k, backend=impl)
+        if stage in ("d2pruner", "btp_stage"):
+            importance = self.importance
+            assert importance is not None  # made for these methods' cases
+            if stage == "d2pruner":
+                return lambda: mk.d2pruner(vis, importance, c.k, backend=impl)[0]
+            args = btp_stage_args(c)
+            return lambda: mk.btp_stage(vis, importance, c.k, backend=impl, **args)
         raise ValueError(f"unknown stage {stage!r}")
 
     def picks(self, stage: str, out) -> list[list[int]]:
@@ -238,8 +250,10 @@ class CaseInputs:
         # DivPrune's released loop returns picks in selection order; the method's output is sorted.
         return [sorted(r) for r in rows] if stage in ("divprune", "cdpruner") else rows
 
-    def margin(self, stage: str) -> float:
+    def margin(self, stage: str) -> float | None:
         c = self.case
+        if stage not in peer_mod.MARGIN_STAGES:
+            return None  # no margin model for this method: a disagreement is reported as is
         seeds = _rows_of(self.cover()[0]) if stage == "fps" else None
         return peer_mod.decision_margin(stage, self.vis, prompt=self.prompt, k_p=c.k_p, k=c.k,
                                         relevance=self.relevance, seeds=seeds)
@@ -259,7 +273,7 @@ def run_jobs(jobs: list[Job], policy: Policy, progress: Progress, *, workspace: 
     want: dict[tuple, list[list[int]]] = {}
     ref_ms: dict[tuple, float] = {}
     eager_ws: dict[tuple, tuple] = {}
-    margins: dict[tuple, float] = {}
+    margins: dict[tuple, float | None] = {}
     for job in jobs:
         if inputs is None or (inputs.case, inputs.dtype) != (job.case, job.dtype):
             # A (case, dtype) starts with the reference backend, on the run's device.

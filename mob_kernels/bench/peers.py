@@ -48,6 +48,8 @@ STAGE_OF_PEER = {"faiss": "cover", "fpsample": "fps", "greedy": "fps", "divprune
                  "cdpruner_released": "cdpruner"}
 # Peers that run on every dtype (the others take float32 inputs only).
 ANY_DTYPE = ("divprune_released", "cdpruner_released")
+# The stages ``decision_margin`` can replay (D2Pruner's and BTP's mixed decisions have no single margin here).
+MARGIN_STAGES = ("select", "cover", "fps", "divprune", "cdpruner")
 PEERS = tuple(STAGE_OF_PEER)
 
 

@@ -6,9 +6,11 @@ A preset is a list of ``Case``s: one selection method, one input shape (B, N, d,
 preset's LLaVA-NeXT case, which keeps the explicit K_p = 160 of an earlier H100 table so the two stay comparable.
 
 Which presets apply to which method: ``llava15`` (N = 576, d = 4096) and ``llava_next`` (N = 2880, d = 4096) have a
-case for every method (DivPrune and CDPruner at k = 64 and k = 320); ``qwen2vl``, ``video``, ``small`` and ``demo``
-are MoB only; ``tiny`` (the CLI's own test) and ``gpu`` cover every method. DivPrune and CDPruner take no prompt share
-(k_p = 0); CDPruner's relevance is computed from the same synthetic prompt (``make_relevance``).
+case for every method (DivPrune, CDPruner and D2Pruner at k = 64 and k = 320; BTP's first stage halves the tokens,
+k = N / 2, with the released LLaVA plan's shares, see ``btp_stage_args``); ``qwen2vl``, ``video``, ``small`` and
+``demo`` are MoB only; ``tiny`` (the CLI's own test) and ``gpu`` cover every method. The other methods take no prompt
+share (k_p = 0). CDPruner's relevance and the importance D2Pruner and BTP read (the last prompt token's attention) are
+computed from the same synthetic prompt (``make_relevance``, ``make_importance``), once, outside the timings.
 
 No model weights are involved: the features are synthetic but shaped like a vision tower's output (tokens on a square
 grid, in clusters of neighbouring patches, with varying norms) and the prompt rows are noisy copies of the tokens of
@@ -23,9 +25,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 import mob_kernels as mk
+from mob_kernels.methods.btp import SCHEDULES, spatial_seed
 
 # The methods the bench knows how to feed, in the order tables and plots list them.
-BENCH_METHODS = ("select", "divprune", "cdpruner")
+BENCH_METHODS = ("select", "divprune", "cdpruner", "d2pruner", "btp_stage")
+# Methods that run at a headline budget (not the --budget sweep), and BTP, whose stage keeps half the tokens.
+FIXED_BUDGET = ("divprune", "cdpruner", "d2pruner")
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class Case:
 def _cases(preset: str, B: int, N: int, d: int, L: int, budgets, methods, **kw) -> list[Case]:
     out = []
     for m in methods:
-        for k in budgets:
+        for k in ((N // 2,) if m == "btp_stage" else budgets):
             if k <= N:
                 out.append(Case(preset, B, N, d, L, k, mk.prompt_budget(k) if m == "select" else 0, m, **kw))
     return out
@@ -72,10 +77,10 @@ def _for(methods, allowed) -> tuple[str, ...]:
 
 def build_preset(name: str, budgets=(64, 128, 192), methods=("select",)) -> list[Case]:
     """The cases of preset ``name`` for each of ``methods`` that it applies to. ``budgets`` (K values) apply to MoB's
-    presets whose budget is not fixed; DivPrune and CDPruner run at the methods' headline budgets (k = 64 at
-    LLaVA-1.5, k = 320 at LLaVA-NeXT)."""
+    presets whose budget is not fixed; DivPrune, CDPruner and D2Pruner run at the methods' headline budgets (k = 64 at
+    LLaVA-1.5, k = 320 at LLaVA-NeXT), BTP's stage at k = N / 2."""
     sel = _for(methods, ("select",))
-    others = _for(methods, ("divprune", "cdpruner"))
+    others = _for(methods, (*FIXED_BUDGET, "btp_stage"))
     if name == "llava15":  # LLaVA-1.5: 24 x 24 patches of CLIP ViT-L/336, Vicuna-7B width
         return _cases(name, 1, 576, 4096, 64, budgets, sel) + _cases(name, 1, 576, 4096, 64, (64,), others)
     if name == "llava_next":  # LLaVA-NeXT any-res: 5 x 576 tokens, K = 320 (K_p = prompt_budget(320) = 106)
@@ -101,8 +106,8 @@ def build_preset(name: str, budgets=(64, 128, 192), methods=("select",)) -> list
 
 def gpu_cases(methods=BENCH_METHODS) -> list[Case]:
     """The GPU check: LLaVA-1.5 (B = 1 and B = 32) in bfloat16 and float32, LLaVA-NeXT in bfloat16 with the explicit
-    K_p = 160 of the earlier H100 table (not the rule's 106, so the two tables stay comparable), DivPrune and
-    CDPruner at LLaVA-1.5."""
+    K_p = 160 of the earlier H100 table (not the rule's 106, so the two tables stay comparable), the other methods at
+    LLaVA-1.5 (BTP's stage at k = 288)."""
     both = ("bfloat16", "float32")
     out = []
     if "select" in methods:
@@ -111,7 +116,8 @@ def gpu_cases(methods=BENCH_METHODS) -> list[Case]:
                 Case("gpu", 1, 2880, 4096, 64, 320, 160, "select", ("bfloat16",),
                      note="LLaVA-NeXT keeps k_p=160 (not prompt_budget(320)=106) to compare with an earlier H100 "
                           "table")]
-    out += [Case("gpu", 1, 576, 4096, 64, 64, 0, m, both) for m in _for(methods, ("divprune", "cdpruner"))]
+    out += [Case("gpu", 1, 576, 4096, 64, 288 if m == "btp_stage" else 64, 0, m, both)
+            for m in _for(methods, (*FIXED_BUDGET, "btp_stage"))]
     return out
 
 
@@ -123,7 +129,7 @@ GPU_PRESETS = ("gpu",)
 
 def parse_shape(text: str, methods=("select",)) -> list[Case]:
     """``--shape B,N,d,L,k[,k_p]`` as one case per method (preset "custom"). k_p defaults to
-    ``mob_kernels.prompt_budget(k)`` and is MoB's only (DivPrune and CDPruner ignore it)."""
+    ``mob_kernels.prompt_budget(k)`` and is MoB's only (the other methods ignore it)."""
     try:
         vals = [int(v) for v in text.replace(" ", "").split(",")]
     except ValueError:
@@ -185,3 +191,26 @@ def make_relevance(vis: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
     """CDPruner's relevance ``[B, N]`` float32 for the synthetic inputs: ``mob_kernels.cdpruner_relevance`` with the
     visual tokens as image embeddings and the prompt rows as text embeddings (computed once, outside the timings)."""
     return mk.cdpruner_relevance(vis, prompt)
+
+
+def make_importance(vis: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """The importance ``[B, N]`` float32 that D2Pruner and BTP read, for the synthetic inputs: the last prompt row's
+    softmax attention over the visual tokens (scaled dot product, one head), as a model's last prompt token gives."""
+    v, q = vis.float(), prompt[:, -1].float()
+    return torch.softmax(torch.einsum("bnd,bd->bn", v, q) / math.sqrt(vis.shape[-1]), dim=-1)
+
+
+def btp_stage_args(case: Case) -> dict:
+    """Keyword arguments of the BTP stage the bench times: the released LLaVA-1.5 first stage (576 -> 288, ``union``
+    of 86 attention picks, 86 diversity picks and a spatial seed of 144 cells, 318 attention candidates rebalanced
+    below index 288; ``SCHEDULES["llava"][0]``) with every count scaled by ``case.k / 288``."""
+    first = SCHEDULES["llava"][0]
+    keep = int(first["keep"])  # type: ignore[call-overload]
+
+    def scaled(key: str, most: int) -> int:
+        return min(most, round(int(first[key]) * case.k / keep))  # type: ignore[call-overload]
+
+    side = grid_side(case.N)
+    return dict(mode=first["mode"], n_div=scaled("n_div", case.k), n_attn=scaled("n_attn", case.k),
+                n_extra=scaled("n_extra", case.N), rebalance=scaled("rebalance", case.N),
+                seed=spatial_seed(side, side, scaled("spatial_seed", min(case.k, side * side))))

@@ -17,7 +17,7 @@ from .memory import fmt_bytes
 
 SHAPE_KEYS = ("preset", "B", "N", "d", "L", "k", "k_p")
 CASE_KEYS = ("method", *SHAPE_KEYS, "dtype", "stage")
-METHOD_ORDER = ("select", "divprune", "cdpruner")
+METHOD_ORDER = ("select", "divprune", "cdpruner", "d2pruner", "btp_stage")
 # What the CSV holds, in this order (one line per measurement).
 CSV_FIELDS = (*CASE_KEYS, "impl", "kind", "mode", "device", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "max_ms",
               "repeats", "warmup", "timer", "speedup", "agrees", "overlap", "margin", "workspace_bytes",
