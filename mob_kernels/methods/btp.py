@@ -102,10 +102,15 @@ def diversity_picks(P, hidden: Tensor, sim: Tensor, add: Tensor, k: int, seed: T
 
 def first_occurrences(x: Tensor) -> Tensor:
     """Each row of ``x`` (``-1`` padded) with repeated values dropped, first occurrences kept in order, ``-1`` padded
-    at the end."""
-    T = x.shape[1]
-    earlier = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=1)  # [s, t]: s < t
-    dup = ((x.unsqueeze(2) == x.unsqueeze(1)) & earlier).any(dim=1)
+    at the end. A stable sort puts equal values side by side in position order, so a value equal to its left
+    neighbour in sorted order is a repeat: O(T log T) per row, not the O(T^2) of comparing every pair."""
+    B, T = x.shape
+    if T == 0:
+        return x
+    vals, pos = torch.sort(x, dim=1, stable=True)
+    repeat = torch.zeros_like(vals, dtype=torch.bool)
+    repeat[:, 1:] = vals[:, 1:] == vals[:, :-1]
+    dup = torch.zeros_like(repeat).scatter_(1, pos, repeat)
     keep = (x >= 0) & ~dup
     order = torch.sort((~keep).long(), dim=1, stable=True).indices
     return torch.where(keep.gather(1, order), x.gather(1, order), -1)
