@@ -15,7 +15,8 @@ How each number is obtained (the ``workspace_how`` field of a result row says wh
     from pages that stayed resident, so small workspaces read low or zero. Linux with glibc only.
   - ``torch+python``: one call under ``torch.profiler`` with ``profile_memory=True`` (every allocation and free of
     torch's CPU allocator, ATen's internal buffers included, replayed in time order: the running peak minus what is
-    still allocated when the call returns) plus ``tracemalloc``'s peak for Python objects and NumPy arrays. Exact for
+    still allocated when the call returns) plus ``tracemalloc``'s peak for Python objects and NumPy arrays (from just
+    before the call, inside the profiler, whose own entry allocations differ between torch releases). Exact for
     those allocators, blind to memory allocated in C/C++ outside them.
 
   The two run as separate calls (the profiler's own buffers would otherwise count as the call's resident memory).
@@ -90,22 +91,24 @@ def _measure(fn: Callable[[], object]) -> tuple[int | None, int, object]:
     was_tracing = tracemalloc.is_tracing()
     if not was_tracing:
         tracemalloc.start()
-    tracemalloc.reset_peak()
-    base, _ = tracemalloc.get_traced_memory()
     try:
         with _quiet_stderr():
             prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             prof.__enter__()
         try:
+            # The Python baseline is taken inside the profiler, just before the call: what the profiler itself
+            # allocates or frees on entry (it differs between torch releases) is not the call's.
+            tracemalloc.reset_peak()
+            base, _ = tracemalloc.get_traced_memory()
             out = fn()
+            _, peak = tracemalloc.get_traced_memory()
         finally:
             with _quiet_stderr():
                 prof.__exit__(None, None, None)
-        cur, peak = tracemalloc.get_traced_memory()
     finally:
         if not was_tracing:
             tracemalloc.stop()
-    py = max(0, peak - max(cur, base))
+    py = max(0, peak - base)  # includes the Python objects of the output (a tensor's: ~100 B)
     got = _allocation_peak(prof)
     return (None if got is None else max(0, got[0] - got[1])), py, out
 
