@@ -102,6 +102,7 @@ from typing_extensions import assert_type
 import mob_kernels
 from mob_kernels import BackendUnavailableError
 
+torch.manual_seed(0)
 vis = torch.randn(2, 32, 16)
 prompt = torch.randn(2, 5, 16)
 mask = torch.ones(2, 5, dtype=torch.bool)
@@ -136,7 +137,8 @@ except BackendUnavailableError as e:
     message: str = str(e)
 
 pruned = vis.gather(1, keep.unsqueeze(-1).expand(-1, -1, vis.shape[-1]))
-assert tuple(pruned.shape) == (2, 8, 16) and keep.dtype == torch.int64 and int(count.min()) == 4
+# The cover holds at most k_p tokens: fewer when prompt rows share their nearest tokens (contract: count <= k_p).
+assert tuple(pruned.shape) == (2, 8, 16) and keep.dtype == torch.int64 and 1 <= int(count.min()) <= 4
 '''
 
 # Wrong uses: each line marked "# error" must be flagged, and nothing else.
