@@ -9,9 +9,11 @@ reference's exact indices unless the float64 replay (mob_testing.decision_margin
 Every backend that can run here is fuzzed: the CPU backends on CPU tensors and, on a GPU machine, every CUDA backend
 (triton, cuda, reference) on CUDA tensors, compared with the reference on CPU.
 
-Profiles (env MOB_FUZZ_PROFILE): "ci" (default) derandomised, 2,000 examples per backend for select and 500 for the
-primitives and for each of DivPrune and CDPruner; "long" (scripts/fuzz.sh, `make fuzz`) random, 100,000 per backend; "asan" derandomised, 300 (the
-sanitizer build is ~10x slower). Triton under its interpreter gets tiny shapes and 1/40 of the examples (50 in ci).
+Profiles (env MOB_FUZZ_PROFILE): "ci" (default) derandomised, 1,000 examples per backend for select and 250 for the
+primitives and for each of DivPrune and CDPruner (validity-only properties and the reference: 1/20); "gpu"
+(`make gpu-check`) the same at 2,000 / 500; "long" (scripts/fuzz.sh, `make fuzz`) random, 100,000 per backend; "asan"
+derandomised, 300 (the sanitizer build is ~10x slower). Triton under its interpreter gets tiny shapes and 1/40 of the
+examples (25 in ci).
 Most examples are small (the reference loops in Python per FPS step); one in a hundred goes up to N = 4096, d = 4096,
 L = 256, B = 8 under a cap on B * N * d.
 """
@@ -42,7 +44,9 @@ from mob_testing import (
 )
 
 _COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
-settings.register_profile("mob-ci", max_examples=2000, derandomize=True, database=None, **_COMMON)
+# ci keeps the whole suite under five minutes on a 2-core machine; the GPU check affords twice as many.
+settings.register_profile("mob-ci", max_examples=1000, derandomize=True, database=None, **_COMMON)
+settings.register_profile("mob-gpu", max_examples=2000, derandomize=True, database=None, **_COMMON)
 settings.register_profile("mob-long", max_examples=100_000, derandomize=False, **_COMMON)
 settings.register_profile("mob-asan", max_examples=300, derandomize=True, database=None, **_COMMON)
 PROFILE = os.environ.get("MOB_FUZZ_PROFILE", "ci")

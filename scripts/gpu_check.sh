@@ -207,7 +207,7 @@ test_suite() {
 fuzz() {
   local profile=${FUZZ_PROFILE:-}
   if [[ -z "$profile" ]]; then
-    profile=ci  # 2,000 derandomised select examples per backend
+    profile=ci  # an older test_fuzz.py without the gpu profile: its ci profile
     grep -q '"mob-gpu"' python_tests/test_fuzz.py && profile=gpu
   fi
   echo "fuzz profile: $profile (GPU targets only)"
