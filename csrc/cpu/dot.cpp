@@ -61,7 +61,8 @@ constexpr int64_t kChunk = 1024;
 // Up to kPackRows rows of b are copied, one chunk at a time, into a per-thread buffer whose row stride is not a
 // multiple of 4 KiB. Feature rows with a power-of-two size (d = 4096 float32: 16 KiB apart) map to a handful of cache
 // sets, so a block of them evicts itself from L1 and L2 while the tile rows stream past it; packed, it stays. The copy
-// holds the same values, so every dot product is bit for bit what it is without packing.
+// holds the same values (as float32 for a kernel that would otherwise convert each 16-bit load: exact), so every dot
+// product is bit for bit what it is without packing.
 constexpr int64_t kPackRows = 48;
 constexpr int64_t kPackStride = kChunk + 32;  // elements: 64 bytes past the chunk even for 2-byte types
 alignas(64) thread_local unsigned char pack_buffer[kPackRows * kPackStride * 4];
@@ -70,14 +71,14 @@ alignas(64) thread_local unsigned char pack_buffer[kPackRows * kPackStride * 4];
 // dispatched on the actual block size so every call does exactly na x nb dots. Each dot product is the sum over the
 // chunks, in order, of each chunk's lane-wise partial sums: the same whatever the tile and block it is computed in.
 template <class Kernel, int R, int C>
-TileFn edge_tile(DType t, bool bf, int64_t nr, int64_t nc) {
+TileFn edge_tile(DType t, bool bf, bool b_float, int64_t nr, int64_t nc) {
   if constexpr (R > 1) {
-    if (nr < R) return edge_tile<Kernel, R - 1, C>(t, bf, nr, nc);
+    if (nr < R) return edge_tile<Kernel, R - 1, C>(t, bf, b_float, nr, nc);
   }
   if constexpr (C > 1) {
-    if (nc < C) return edge_tile<Kernel, R, C - 1>(t, bf, nr, nc);
+    if (nc < C) return edge_tile<Kernel, R, C - 1>(t, bf, b_float, nr, nc);
   }
-  return Kernel::template pick<R, C>(t, bf);
+  return Kernel::template pick<R, C>(t, bf, b_float);
 }
 
 template <class Kernel>
@@ -87,6 +88,7 @@ void dot_tile_tiled(DType t, bool bf, const void* const* a, int64_t na, const vo
   const int64_t elem = t == DType::kFloat32 ? 4 : 2;
   // Packing pays when several tile rows pass over the block.
   const bool pack = na >= 2 * MR && nb >= 2 * NR;
+  const bool b_float = pack && Kernel::kPackFloat && t != DType::kFloat32;
   const void* packed[kPackRows];
   for (int64_t off = 0; off < d; off += kChunk) {
     const int64_t len = std::min(d, off + kChunk) - off;
@@ -96,9 +98,16 @@ void dot_tile_tiled(DType t, bool bf, const void* const* a, int64_t na, const vo
       int64_t b_off = off;
       if (pack) {
         for (int64_t c = 0; c < ncb; ++c) {
-          unsigned char* dst = pack_buffer + c * kPackStride * elem;
-          std::memcpy(dst, static_cast<const unsigned char*>(b[c0 + c]) + off * elem, static_cast<size_t>(len * elem));
-          packed[c] = dst;
+          if (b_float) {  // a kernel that converts as it loads does it once here instead of once per tile row
+            float* dst = reinterpret_cast<float*>(pack_buffer) + c * kPackStride;
+            Kernel::to_float(t, b[c0 + c], off, len, dst);
+            packed[c] = dst;
+          } else {
+            unsigned char* dst = pack_buffer + c * kPackStride * elem;
+            const unsigned char* src = static_cast<const unsigned char*>(b[c0 + c]) + off * elem;
+            std::memcpy(dst, src, static_cast<size_t>(len * elem));
+            packed[c] = dst;
+          }
         }
         bb = packed;
         b_off = 0;
@@ -108,7 +117,8 @@ void dot_tile_tiled(DType t, bool bf, const void* const* a, int64_t na, const vo
         for (int64_t c = 0; c < ncb; c += NR) {
           const int64_t nc = std::min<int64_t>(NR, ncb - c);
           const TileFn tile =
-              nr == MR && nc == NR ? Kernel::template pick<MR, NR>(t, bf) : edge_tile<Kernel, MR, NR>(t, bf, nr, nc);
+              nr == MR && nc == NR ? Kernel::template pick<MR, NR>(t, bf, b_float)
+                                   : edge_tile<Kernel, MR, NR>(t, bf, b_float, nr, nc);
           tile(a + r, off, bb + c, b_off, len, out + r * ld + c0 + c, ld, off > 0);
         }
       }
@@ -212,8 +222,10 @@ MOB_AVX512 float sq_norm_avx512(const void* row, int64_t d) {
 // Register tile 4 x 6: 24 accumulators + 4 row operands + 1 column operand fit in the 32 zmm registers.
 struct Avx512Kernel {
   static constexpr int MR = 4, NR = 6;
+  static constexpr bool kPackFloat = false;  // vdpbf16ps reads bfloat16 pairs; masked loads convert at full speed
+  static void to_float(DType, const void*, int64_t, int64_t, float*) {}
   template <int R, int C>
-  static TileFn pick(DType t, bool bf16_dot) {
+  static TileFn pick(DType t, bool bf16_dot, bool) {
     if (t == DType::kFloat32) return tile_fma<R, C, float>;
     if (t == DType::kFloat16) return tile_fma<R, C, uint16_t>;
     return bf16_dot ? tile_bf16<R, C> : tile_fma<R, C, Bf16>;
@@ -253,23 +265,24 @@ MOB_AVX2_HELPER float hsum8(__m256 v) {
 
 // One step: the NR column operands are loaded first and each row operand is consumed as soon as it is loaded, so a
 // 4 x 3 tile needs 12 accumulators + 3 column operands + 1 row operand: exactly the 16 ymm registers.
-template <int MR, int NR, class T, bool kTail>
+// TA / TB: the element types of the two sides (TB is float32 when the driver packed b converted).
+template <int MR, int NR, class TA, class TB, bool kTail>
 MOB_AVX2_HELPER void avx2_step(__m256 (&acc)[MR][NR], const void* const* a, int64_t ai, const void* const* b,
                                int64_t bi, int64_t n) {
   __m256 bv[NR];
   #pragma GCC unroll 8
   for (int c = 0; c < NR; ++c)
-    bv[c] = kTail ? load8_tail(static_cast<const T*>(b[c]) + bi, n) : load8(static_cast<const T*>(b[c]) + bi);
+    bv[c] = kTail ? load8_tail(static_cast<const TB*>(b[c]) + bi, n) : load8(static_cast<const TB*>(b[c]) + bi);
   #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     const __m256 av =
-        kTail ? load8_tail(static_cast<const T*>(a[r]) + ai, n) : load8(static_cast<const T*>(a[r]) + ai);
+        kTail ? load8_tail(static_cast<const TA*>(a[r]) + ai, n) : load8(static_cast<const TA*>(a[r]) + ai);
     #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_fmadd_ps(av, bv[c], acc[r][c]);
   }
 }
 
-template <int MR, int NR, class T>
+template <int MR, int NR, class TA, class TB>
 MOB_AVX2 void tile_avx2(const void* const* a, int64_t a_off, const void* const* b, int64_t b_off, int64_t len,
                         float* out, int64_t ld, bool add) {
   __m256 acc[MR][NR];
@@ -278,8 +291,8 @@ MOB_AVX2 void tile_avx2(const void* const* a, int64_t a_off, const void* const* 
     #pragma GCC unroll 8
     for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= len; i += 8) avx2_step<MR, NR, T, false>(acc, a, a_off + i, b, b_off + i, 8);
-  if (i < len) avx2_step<MR, NR, T, true>(acc, a, a_off + i, b, b_off + i, len - i);
+  for (; i + 8 <= len; i += 8) avx2_step<MR, NR, TA, TB, false>(acc, a, a_off + i, b, b_off + i, 8);
+  if (i < len) avx2_step<MR, NR, TA, TB, true>(acc, a, a_off + i, b, b_off + i, len - i);
   #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
     #pragma GCC unroll 8
@@ -309,13 +322,28 @@ MOB_AVX2 float sq_norm_avx2(const void* row, int64_t d) {
   return hsum8(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3])));
 }
 
+template <class T>
+MOB_AVX2 void to_float_avx2(const void* row, int64_t off, int64_t len, float* dst) {
+  const T* src = static_cast<const T*>(row) + off;
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+  for (; i < len; ++i) _mm_store_ss(dst + i, _mm256_castps256_ps128(load8_tail(src + i, 1)));
+}
+
 struct Avx2Kernel {
   static constexpr int MR = 4, NR = 3;  // MR = 4 matches the 4-row groups the FPS refreshes and seeds use
+  // float16 and bfloat16 cost two extra instructions per load on AVX2 (they compete with the FMAs): a packed block of
+  // b is converted once (exactly) and read as float32 by every tile row that passes over it.
+  static constexpr bool kPackFloat = true;
+  static void to_float(DType t, const void* row, int64_t off, int64_t len, float* dst) {
+    if (t == DType::kFloat16) return to_float_avx2<uint16_t>(row, off, len, dst);
+    to_float_avx2<Bf16>(row, off, len, dst);
+  }
   template <int R, int C>
-  static TileFn pick(DType t, bool) {
-    if (t == DType::kFloat32) return tile_avx2<R, C, float>;
-    if (t == DType::kFloat16) return tile_avx2<R, C, uint16_t>;
-    return tile_avx2<R, C, Bf16>;
+  static TileFn pick(DType t, bool, bool b_float) {
+    if (t == DType::kFloat32) return tile_avx2<R, C, float, float>;
+    if (t == DType::kFloat16) return b_float ? tile_avx2<R, C, uint16_t, float> : tile_avx2<R, C, uint16_t, uint16_t>;
+    return b_float ? tile_avx2<R, C, Bf16, float> : tile_avx2<R, C, Bf16, Bf16>;
   }
 };
 #endif  // MOB_X86
