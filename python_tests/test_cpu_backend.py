@@ -326,6 +326,22 @@ def test_fused_divprune_is_its_composition_bit_for_bit(isa, kind, dtype):
             assert torch.equal(C.divprune(vis, k, v), _divprune._compose(C, vis, k, v)), (B, N, d, k)
 
 
+def test_fused_divprune_reads_kept_similarities_bit_for_bit(isa):
+    """The fused DivPrune keeps the similarity rows its first pick computed (up to 32 MiB) and its FPS reads them.
+
+    Points evenly spread on a circle have nearest neighbours all about as far, so the first pick computes about a
+    third of the rows: at N = 5500 that passes the cap, and the FPS reads some pairs from kept rows and computes the
+    rest (the rows computed after the cap, and pairs no kept row holds). Either way the picks are the composition's.
+    """
+    N = 5500
+    angle = torch.arange(N, dtype=torch.float64) * (2 * math.pi / N)
+    vis = torch.stack([angle.cos(), angle.sin()], -1).float().unsqueeze(0)
+    g = torch.Generator().manual_seed(0)
+    valid = torch.rand(1, N, generator=g) > 0.1
+    for v in (None, valid):
+        assert torch.equal(C.divprune(vis, 200, v), _divprune._compose(C, vis, 200, v))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["gaussian", "clustered", "integer", "nonfinite"])
 def test_fused_cdpruner_is_its_composition_bit_for_bit(isa, kind, dtype):

@@ -67,6 +67,12 @@ inline bool finite_row(DType t, const void* row, int64_t d) {
   return bad == 0;
 }
 
+// finite_row, given the row's norm: a NaN or an infinity among the features makes it NaN or infinite, so a finite
+// norm settles it without reading the row again (an infinite one may be an overflow of finite features).
+inline bool finite_row(DType t, const void* row, int64_t d, float norm) {
+  return std::isfinite(norm) || finite_row(t, row, d);
+}
+
 // Pointers to the n rows of sample b.
 inline std::vector<const void*> rows_of(const Features& f, int64_t b, int64_t n) {
   std::vector<const void*> r(static_cast<size_t>(n));
@@ -88,12 +94,28 @@ struct VisRows {
   }
 };
 
-// How farthest point sampling reads one sample beyond its rows: valid [N] (nullptr: all valid) and the sample's
-// Gram matrix (sim == nullptr: compute distances from the rows).
+// Similarities some earlier pass already computed, so FPS reads them instead of computing them again: rows of S for
+// some tokens, each N floats, row s at rows + s * N, slot[i] = token i's row or -1. The rows were computed in slot
+// order, each against every token whose row came later or not at all: the pair (i, j) is in the row of whichever of
+// them has the lower slot, and unknown only when neither has one. Values are cosine()'s, as computed anywhere else.
+struct SimRows {
+  std::vector<float> rows;
+  std::vector<int64_t> slot;
+  bool has(int64_t i) const { return slot[static_cast<size_t>(i)] >= 0; }
+  float get(int64_t i, int64_t j, int64_t N) const {
+    const int64_t si = slot[static_cast<size_t>(i)], sj = slot[static_cast<size_t>(j)];
+    const int64_t at = si >= 0 && (sj < 0 || si <= sj) ? si * N + j : sj * N + i;
+    return rows[static_cast<size_t>(at)];
+  }
+};
+
+// How farthest point sampling reads one sample beyond its rows: valid [N] (nullptr: all valid), and the sample's
+// Gram matrix (sim) or some of its rows (known); with neither, distances are computed from the rows.
 struct FpsInputs {
   const bool* valid = nullptr;
   const float* sim = nullptr;
   int64_t sim_row_stride = 0;
+  const SimRows* known = nullptr;
 };
 
 // Per-sample parts, so select_cpu can run cover and FPS back to back on one sample.

@@ -1,9 +1,10 @@
 // CPU DivPrune, fused: mob_kernels/methods/divprune.py's composition (usable tokens, most isolated first pick, FPS
-// seeded by it, completion to k) in one call per sample, without the N x N Gram matrix the composition builds. Every
-// similarity is common.h's cosine(), the value gram_cpu would hold, so the picks are the composition's (run on this
-// backend's primitives) bit for bit. The first pick needs every token's nearest neighbour, which bounds the work from
+// seeded by it, completion to k) in one call per sample, without the whole N x N Gram matrix the composition builds.
+// Every similarity is common.h's cosine(), the value gram_cpu would hold, so the picks are the composition's (run on
+// this backend's primitives) bit for bit. The first pick needs every token's nearest neighbour, which bounds the work from
 // below by a good share of the N^2 d / 2 multiply-adds of a Gram matrix; most_isolated below computes only the rows
-// that can still matter. The FPS then computes distances lazily, as farthest_point_sample does.
+// that can still matter, and keeps them: the FPS then reads the pairs they hold (on spread-out features about 60% of
+// those it needs) and computes the others lazily, as farthest_point_sample does.
 #include <cfloat>
 #include <memory>
 
@@ -14,6 +15,7 @@ namespace {
 
 constexpr int64_t kRowBlock = 24;  // candidate rows computed together (6 register tiles high)
 constexpr int64_t kColBlock = 48;  // columns per task
+constexpr int64_t kKeepFloats = int64_t{8} << 20;  // 32 MiB of kept similarities at most (N = 2880: every row)
 
 // The key of a nearest-neighbour distance (mob_kernels/methods/divprune.py most_isolated): NaN ranks as -3, below
 // every finite distance; -inf as the most negative float; +inf (no usable neighbour) stays.
@@ -28,8 +30,12 @@ inline float isolation_key(float nearest) {
 // (nan_min, so a NaN among them already fixes its key at -3, as the full amin would). Blocks take the candidates with
 // the largest bounds; a token is ruled out once its bound ranks behind the best exact key found (ties go to the lower
 // index), and the loop ends when no candidate is left. Spread-out features (Gaussian) need about a third of the rows,
-// clustered ones fewer. Workspace O(N).
-int64_t most_isolated(int64_t N, int64_t d, DType dtype, const VisRows& v, const bool* ok, bool parallel) {
+// clustered ones fewer. Workspace O(N) besides the kept rows:
+//
+// the similarities computed on the way are kept in `keep` (the rows of each block, in block order, until a block
+// would take the kept rows past kKeepFloats), so the FPS that follows reads them instead of computing them again.
+int64_t most_isolated(int64_t N, int64_t d, DType dtype, const VisRows& v, const bool* ok, bool parallel,
+                      SimRows& keep) {
   std::vector<int64_t> U;  // usable tokens, ascending: positions in U order like token indices
   for (int64_t i = 0; i < N; ++i)
     if (ok[i]) U.push_back(i);
@@ -44,6 +50,10 @@ int64_t most_isolated(int64_t N, int64_t d, DType dtype, const VisRows& v, const
   float best_key = -INFINITY;
   int64_t best = -1;  // position in U
   const float* inv = v.inv.data();
+  keep.slot.assign(static_cast<size_t>(N), -1);
+  keep.rows.clear();
+  int64_t kept = 0;  // rows kept so far
+  bool keeping = true;
   while (true) {
     cand.erase(std::remove_if(cand.begin(), cand.end(),
                               [&](int64_t p) {
@@ -59,6 +69,15 @@ int64_t most_isolated(int64_t N, int64_t d, DType dtype, const VisRows& v, const
     block.assign(cand.begin(), cand.begin() + nb);
     cand.erase(cand.begin(), cand.begin() + nb);
     for (int64_t p : block) in_block[p] = 1;
+    // Kept rows must be a prefix of the block order (SimRows' rule), so once a block does not fit, none is kept.
+    keeping = keeping && (kept + nb) * N <= kKeepFloats;
+    float* keep_rows = nullptr;
+    if (keeping) {
+      keep.rows.resize(static_cast<size_t>((kept + nb) * N), 0.0f);
+      keep_rows = keep.rows.data() + kept * N;
+      for (int64_t r = 0; r < nb; ++r) keep.slot[static_cast<size_t>(U[block[r]])] = kept + r;
+      kept += nb;
+    }
     // Columns: every token whose row is not computed yet, ruled-out ones included (they are still neighbours).
     cols.clear();
     for (int64_t q = 0; q < M; ++q)
@@ -85,7 +104,9 @@ int64_t most_isolated(int64_t N, int64_t d, DType dtype, const VisRows& v, const
           for (int64_t r = 0; r < nb; ++r) {
             const int64_t p = block[r];
             if (p == q) continue;
-            const float dist = 1.0f - cosine(dots[c * nb + r], inv, U[p], U[q]);
+            const float sim = cosine(dots[c * nb + r], inv, U[p], U[q]);
+            if (keep_rows) keep_rows[r * N + U[q]] = sim;  // this task's column alone
+            const float dist = 1.0f - sim;
             row_min[r] = nan_min(row_min[r], dist);
             if (!in_block[q]) nearest[q] = nan_min(nearest[q], dist);  // this task's column alone
           }
@@ -114,17 +135,21 @@ void divprune_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const 
   std::unique_ptr<bool[]> ok(new bool[static_cast<size_t>(N)]);  // usable: valid and finite
   int64_t n_ok = 0;
   for (int64_t i = 0; i < N; ++i) {
-    ok[i] = (!valid || valid[i]) && finite_row(dtype, v.rows[static_cast<size_t>(i)], d);
+    const size_t r = static_cast<size_t>(i);
+    ok[i] = (!valid || valid[i]) && finite_row(dtype, v.rows[r], d, v.norm[r]);
     n_ok += ok[i];
   }
   std::vector<int64_t> chosen;
   chosen.reserve(static_cast<size_t>(k));
   if (n_ok > 0) {
-    const int64_t first = most_isolated(N, d, dtype, v, ok.get(), parallel);
+    SimRows keep;
+    const int64_t first = most_isolated(N, d, dtype, v, ok.get(), parallel, keep);
     chosen.push_back(first);
-    // FPS from the first pick, distances computed on demand: the same values as reading the Gram matrix.
+    // FPS from the first pick: pairs the first pick computed are read, the others computed on demand; the same values
+    // as reading the Gram matrix.
     FpsInputs in;
     in.valid = ok.get();
+    in.known = &keep;
     std::vector<int64_t> picks(static_cast<size_t>(k));
     fps_sample(N, d, dtype, v, &first, 1, std::min(n_ok, k) - 1, k, in, picks.data(), parallel);
     for (int64_t p : picks)

@@ -197,8 +197,10 @@ void cdpruner_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const 
                      int64_t k, int64_t* out, bool parallel) {
   if (k <= 0) return;
   std::unique_ptr<bool[]> ok(new bool[static_cast<size_t>(N)]);
-  for (int64_t n = 0; n < N; ++n)
-    ok[n] = (!valid || valid[n]) && std::isfinite(relevance[n]) && finite_row(dtype, v.rows[static_cast<size_t>(n)], d);
+  for (int64_t n = 0; n < N; ++n) {
+    const size_t i = static_cast<size_t>(n);
+    ok[n] = (!valid || valid[n]) && std::isfinite(relevance[n]) && finite_row(dtype, v.rows[i], d, v.norm[i]);
+  }
   std::vector<int64_t> order(static_cast<size_t>(k));
   std::vector<float> gain(static_cast<size_t>(k));
   dpp_sample(N, d, dtype, v, relevance, ok.get(), k, true, order.data(), gain.data(), parallel);

@@ -10,7 +10,8 @@
 // steps refresh a handful of tokens instead of all N.
 //
 // Invalid tokens (valid[i] false) are never in the heap; seeds are centres whether valid or not, as in the reference.
-// Given a Gram matrix (DivPrune computes one anyway), distances are read from it instead of computed.
+// Given a Gram matrix (the composed DivPrune computes one anyway), distances are read from it instead of computed;
+// given some rows of it (the fused DivPrune keeps those its first pick computed), those pairs are read.
 #include <stdexcept>
 #include <string>
 
@@ -88,63 +89,83 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
     off[best] = 1;
     seeds.push_back(best);
   }
+  // Similarities read instead of computed: from the Gram matrix (row c for centre c) when given, else from the rows
+  // an earlier pass kept. row_known(c): every pair with c can be read.
+  const SimRows* known = in.known;
+  auto row_known = [&](int64_t c) { return in.sim != nullptr || (known != nullptr && known->has(c)); };
+  auto read_sim = [&](int64_t i, int64_t c) {
+    return in.sim ? in.sim[c * in.sim_row_stride + i] : known->get(i, c, N);
+  };
   std::vector<float> dist(N, INFINITY);
-  if (in.sim) {  // distances read from the Gram matrix: row c holds 1 - dist to centre c
-    for (int64_t s : seeds) {
-      const float* row = in.sim + s * in.sim_row_stride;
-      for (int64_t i = 0; i < N; ++i) dist[i] = nan_min(dist[i], 1.0f - row[i]);
+  std::vector<int64_t> computed_seeds;
+  for (int64_t s : seeds) {
+    if (!row_known(s)) {
+      computed_seeds.push_back(s);
+      continue;
     }
-  } else {
-    seed_distances(dtype, rows, inv, seeds, d, dist.data(), parallel);
+    for (int64_t i = 0; i < N; ++i) dist[i] = nan_min(dist[i], 1.0f - read_sim(i, s));
   }
+  if (!computed_seeds.empty()) seed_distances(dtype, rows, inv, computed_seeds, d, dist.data(), parallel);
 
   std::vector<HeapEntry> heap;
   heap.reserve(static_cast<size_t>(N));
   for (int64_t i = 0; i < N; ++i)
     if (!off[i]) heap.push_back({rank_key(dist[i]), i});
   std::make_heap(heap.begin(), heap.end(), heap_less);
-  std::vector<int64_t> centres;             // FPS picks, applied lazily
-  std::vector<const void*> centre_rows;
-  std::vector<int64_t> seen(N, 0);          // how many of centres each token's dist accounts for
+  // FPS picks, applied lazily: those whose similarities can be read (kc) and those computed (uc). A token's dist
+  // accounts for the first kseen[i] of kc and useen[i] of uc; min is order-free, so the split changes no value.
+  std::vector<int64_t> kc, uc;
+  std::vector<const void*> uc_rows;
+  std::vector<int64_t> kseen(N, 0), useen(N, 0);
+  auto fresh = [&](int64_t i) {
+    return kseen[i] == static_cast<int64_t>(kc.size()) && useen[i] == static_cast<int64_t>(uc.size());
+  };
   std::vector<float> dots;
-  std::vector<int64_t> stale;
+  std::vector<int64_t> stale, todo;
   for (; t < n; ++t) {
-    const int64_t C = static_cast<int64_t>(centres.size());
-    while (seen[heap.front().idx] != C) {
-      // Refresh the stale head of the heap in a batch of up to kBatch tokens: register-tiled passes over the centres
-      // they missed instead of single-row passes. The batch is ordered by how many centres each token has seen and
-      // cut into groups of 4 (the tile's row side); a group starts from its least-recent token, and re-applying a
-      // centre another token of the group already saw changes nothing (min is idempotent).
+    const int64_t K = static_cast<int64_t>(kc.size()), C = static_cast<int64_t>(uc.size());
+    while (!fresh(heap.front().idx)) {
+      // Refresh the stale head of the heap in a batch of up to kBatch tokens. Reads first: the readable centres, and
+      // every centre for a token whose own pairs can all be read.
       stale.clear();
-      dots.resize(static_cast<size_t>(kBatch) * static_cast<size_t>(std::max<int64_t>(C, 1)));
-      while (!heap.empty() && static_cast<int64_t>(stale.size()) < kBatch && seen[heap.front().idx] != C) {
+      while (!heap.empty() && static_cast<int64_t>(stale.size()) < kBatch && !fresh(heap.front().idx)) {
         stale.push_back(heap.front().idx);
         std::pop_heap(heap.begin(), heap.end(), heap_less);
         heap.pop_back();
       }
-      if (in.sim) {  // a Gram matrix read costs less than any batching
-        for (int64_t i : stale) {
-          for (int64_t c = seen[i]; c < C; ++c) dist[i] = nan_min(dist[i], 1.0f - in.sim[centres[c] * in.sim_row_stride + i]);
-          seen[i] = C;
+      todo.clear();
+      for (int64_t i : stale) {
+        for (int64_t c = kseen[i]; c < K; ++c) dist[i] = nan_min(dist[i], 1.0f - read_sim(i, kc[c]));
+        kseen[i] = K;
+        if (row_known(i)) {
+          for (int64_t c = useen[i]; c < C; ++c) dist[i] = nan_min(dist[i], 1.0f - read_sim(i, uc[c]));
+          useen[i] = C;
+        } else if (useen[i] < C) {
+          todo.push_back(i);
         }
-      } else {
-        std::sort(stale.begin(), stale.end(), [&](int64_t a, int64_t b) { return seen[a] > seen[b]; });
-        const int64_t R = static_cast<int64_t>(stale.size()), groups = (R + 3) / 4;
-        const int64_t work = R * (C - seen[stale[R - 1]]) * d;
+      }
+      if (!todo.empty()) {
+        // The rest as register-tiled passes over the centres they missed instead of single-row passes: ordered by how
+        // many centres each token has seen and cut into groups of 4 (the tile's row side); a group starts from its
+        // least-recent token, and re-applying a centre another token of the group already saw changes nothing.
+        std::sort(todo.begin(), todo.end(), [&](int64_t a, int64_t b) { return useen[a] > useen[b]; });
+        const int64_t R = static_cast<int64_t>(todo.size()), groups = (R + 3) / 4;
+        dots.resize(static_cast<size_t>(kBatch) * static_cast<size_t>(C));
+        const int64_t work = R * (C - useen[todo[R - 1]]) * d;
         // The groups touch distinct tokens, so they can run on both cores when the refresh is large.
 #pragma omp parallel for schedule(static) if (parallel && groups > 1 && work >= kParallelWork / 4)
         for (int64_t g = 0; g < groups; ++g) {
-          const int64_t r0 = 4 * g, nr = std::min<int64_t>(4, R - r0), from = seen[stale[r0 + nr - 1]];
+          const int64_t r0 = 4 * g, nr = std::min<int64_t>(4, R - r0), from = useen[todo[r0 + nr - 1]];
           const int64_t cnt = C - from;
           float* gdots = dots.data() + static_cast<size_t>(r0) * static_cast<size_t>(C);  // this group's rows of the R x C scratch
           const void* grows[4];
-          for (int64_t r = 0; r < nr; ++r) grows[r] = rows[static_cast<size_t>(stale[r0 + r])];
-          dot_tile(dtype, grows, nr, centre_rows.data() + from, cnt, d, gdots, cnt);
+          for (int64_t r = 0; r < nr; ++r) grows[r] = rows[static_cast<size_t>(todo[r0 + r])];
+          dot_tile(dtype, grows, nr, uc_rows.data() + from, cnt, d, gdots, cnt);
           for (int64_t r = 0; r < nr; ++r) {
-            const int64_t i = stale[r0 + r];
-            for (int64_t c = seen[i] - from; c < cnt; ++c)
-              dist[i] = nan_min(dist[i], 1.0f - cosine(gdots[r * cnt + c], inv, i, centres[from + c]));
-            seen[i] = C;
+            const int64_t i = todo[r0 + r];
+            for (int64_t c = useen[i] - from; c < cnt; ++c)
+              dist[i] = nan_min(dist[i], 1.0f - cosine(gdots[r * cnt + c], inv, i, uc[from + c]));
+            useen[i] = C;
           }
         }
       }
@@ -158,8 +179,12 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
     heap.pop_back();
     out[t] = pick;
     off[pick] = 1;
-    centres.push_back(pick);
-    centre_rows.push_back(rows[static_cast<size_t>(pick)]);
+    if (row_known(pick)) {
+      kc.push_back(pick);
+    } else {
+      uc.push_back(pick);
+      uc_rows.push_back(rows[static_cast<size_t>(pick)]);
+    }
   }
 }
 
