@@ -94,28 +94,30 @@ struct VisRows {
   }
 };
 
-// Similarities some earlier pass already computed, so FPS reads them instead of computing them again: rows of S for
-// some tokens, each N floats, row s at rows + s * N, slot[i] = token i's row or -1. The rows were computed in slot
-// order, each against every token whose row came later or not at all: the pair (i, j) is in the row of whichever of
-// them has the lower slot, and unknown only when neither has one. Values are cosine()'s, as computed anywhere else.
-struct SimRows {
-  std::vector<float> rows;
-  std::vector<int64_t> slot;
-  bool has(int64_t i) const { return slot[static_cast<size_t>(i)] >= 0; }
-  float get(int64_t i, int64_t j, int64_t N) const {
-    const int64_t si = slot[static_cast<size_t>(i)], sj = slot[static_cast<size_t>(j)];
-    const int64_t at = si >= 0 && (sj < 0 || si <= sj) ? si * N + j : sj * N + i;
-    return rows[static_cast<size_t>(at)];
+// Similarities of one sample that are already computed, so FPS reads them instead of computing them again. Either the
+// whole Gram matrix (slot == nullptr: S[i][c] at rows[c * ld + i]), or some of its rows (slot[i] = token i's row or
+// -1, row s at rows + s * ld): rows computed in slot order, each against every token whose row came later or not at
+// all, so the pair (i, c) is in the row of whichever of them has the lower slot, and unknown when neither has one.
+// Either way the values are cosine()'s, bit for bit what a computed distance would use.
+struct KnownSims {
+  const float* rows = nullptr;  // nullptr: nothing known
+  int64_t ld = 0;
+  const int64_t* slot = nullptr;
+  // Every pair with token c can be read.
+  bool row_known(int64_t c) const { return rows != nullptr && (slot == nullptr || slot[c] >= 0); }
+  // S[i][c]; one of row_known(i), row_known(c) must hold.
+  float get(int64_t i, int64_t c) const {
+    if (slot == nullptr) return rows[c * ld + i];
+    const int64_t si = slot[i], sc = slot[c];
+    return si >= 0 && (sc < 0 || si <= sc) ? rows[si * ld + c] : rows[sc * ld + i];
   }
 };
 
-// How farthest point sampling reads one sample beyond its rows: valid [N] (nullptr: all valid), and the sample's
-// Gram matrix (sim) or some of its rows (known); with neither, distances are computed from the rows.
+// How farthest point sampling reads one sample beyond its rows: valid [N] (nullptr: all valid) and the similarities
+// already computed (none: every distance is computed from the rows).
 struct FpsInputs {
   const bool* valid = nullptr;
-  const float* sim = nullptr;
-  int64_t sim_row_stride = 0;
-  const SimRows* known = nullptr;
+  KnownSims known;
 };
 
 // Per-sample parts, so select_cpu can run cover and FPS back to back on one sample.
@@ -123,7 +125,8 @@ struct FpsInputs {
 int64_t prompt_cover_sample(int64_t b, int64_t N, int64_t L, int64_t d, const Features& vis, const VisRows& v,
                             const Features& prompt, const bool* mask, int64_t k_p, int64_t f, int64_t* picks,
                             bool parallel);
-// fps_sample: out[0..k) in selection order, -1 padded. v needs norms unless in.sim is set and a seed is in range.
+// fps_sample: out[0..k) in selection order, -1 padded. v needs norms unless in.known holds the whole Gram matrix and a seed is
+// in range.
 void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64_t* seed, int64_t m, int64_t num_picks,
                 int64_t k, const FpsInputs& in, int64_t* out, bool parallel);
 // gram_sample: out[i * ld + j] for i, j < N, exactly symmetric.

@@ -17,6 +17,12 @@ constexpr int64_t kRowBlock = 12;  // candidate rows computed together: smaller 
 constexpr int64_t kColBlock = 48;  // columns per task
 constexpr int64_t kKeepFloats = int64_t{8} << 20;  // 32 MiB of kept similarities at most (N = 2880: every row)
 
+// The similarity rows most_isolated kept, in the layout KnownSims reads (row s at rows + s * N).
+struct KeptRows {
+  std::vector<float> rows;
+  std::vector<int64_t> slot;
+};
+
 // The key of a nearest-neighbour distance (mob_kernels/methods/divprune.py most_isolated): NaN ranks as -3, below
 // every finite distance; -inf as the most negative float; +inf (no usable neighbour) stays.
 inline float isolation_key(float nearest) {
@@ -35,7 +41,7 @@ inline float isolation_key(float nearest) {
 // the similarities computed on the way are kept in `keep` (the rows of each block, in block order, until a block
 // would take the kept rows past kKeepFloats), so the FPS that follows reads them instead of computing them again.
 int64_t most_isolated(int64_t N, int64_t d, DType dtype, const VisRows& v, const bool* ok, bool parallel,
-                      SimRows& keep) {
+                      KeptRows& keep) {
   std::vector<int64_t> U;  // usable tokens, ascending: positions in U order like token indices
   for (int64_t i = 0; i < N; ++i)
     if (ok[i]) U.push_back(i);
@@ -69,7 +75,7 @@ int64_t most_isolated(int64_t N, int64_t d, DType dtype, const VisRows& v, const
     block.assign(cand.begin(), cand.begin() + nb);
     cand.erase(cand.begin(), cand.begin() + nb);
     for (int64_t p : block) in_block[p] = 1;
-    // Kept rows must be a prefix of the block order (SimRows' rule), so once a block does not fit, none is kept.
+    // Kept rows must be a prefix of the block order (KnownSims' rule), so once a block does not fit, none is kept.
     keeping = keeping && (kept + nb) * N <= kKeepFloats;
     float* keep_rows = nullptr;
     if (keeping) {
@@ -142,14 +148,14 @@ void divprune_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const 
   std::vector<int64_t> chosen;
   chosen.reserve(static_cast<size_t>(k));
   if (n_ok > 0) {
-    SimRows keep;
+    KeptRows keep;
     const int64_t first = most_isolated(N, d, dtype, v, ok.get(), parallel, keep);
     chosen.push_back(first);
     // FPS from the first pick: pairs the first pick computed are read, the others computed on demand; the same values
     // as reading the Gram matrix.
     FpsInputs in;
     in.valid = ok.get();
-    in.known = &keep;
+    in.known = {keep.rows.data(), N, keep.slot.data()};
     std::vector<int64_t> picks(static_cast<size_t>(k));
     fps_sample(N, d, dtype, v, &first, 1, std::min(n_ok, k) - 1, k, in, picks.data(), parallel);
     for (int64_t p : picks)

@@ -89,21 +89,15 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
     off[best] = 1;
     seeds.push_back(best);
   }
-  // Similarities read instead of computed: from the Gram matrix (row c for centre c) when given, else from the rows
-  // an earlier pass kept. row_known(c): every pair with c can be read.
-  const SimRows* known = in.known;
-  auto row_known = [&](int64_t c) { return in.sim != nullptr || (known != nullptr && known->has(c)); };
-  auto read_sim = [&](int64_t i, int64_t c) {
-    return in.sim ? in.sim[c * in.sim_row_stride + i] : known->get(i, c, N);
-  };
+  const KnownSims& known = in.known;  // pairs read instead of computed
   std::vector<float> dist(N, INFINITY);
   std::vector<int64_t> computed_seeds;
   for (int64_t s : seeds) {
-    if (!row_known(s)) {
+    if (!known.row_known(s)) {
       computed_seeds.push_back(s);
       continue;
     }
-    for (int64_t i = 0; i < N; ++i) dist[i] = nan_min(dist[i], 1.0f - read_sim(i, s));
+    for (int64_t i = 0; i < N; ++i) dist[i] = nan_min(dist[i], 1.0f - known.get(i, s));
   }
   if (!computed_seeds.empty()) seed_distances(dtype, rows, inv, computed_seeds, d, dist.data(), parallel);
 
@@ -135,10 +129,10 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
       }
       todo.clear();
       for (int64_t i : stale) {
-        for (int64_t c = kseen[i]; c < K; ++c) dist[i] = nan_min(dist[i], 1.0f - read_sim(i, kc[c]));
+        for (int64_t c = kseen[i]; c < K; ++c) dist[i] = nan_min(dist[i], 1.0f - known.get(i, kc[c]));
         kseen[i] = K;
-        if (row_known(i)) {
-          for (int64_t c = useen[i]; c < C; ++c) dist[i] = nan_min(dist[i], 1.0f - read_sim(i, uc[c]));
+        if (known.row_known(i)) {
+          for (int64_t c = useen[i]; c < C; ++c) dist[i] = nan_min(dist[i], 1.0f - known.get(i, uc[c]));
           useen[i] = C;
         } else if (useen[i] < C) {
           todo.push_back(i);
@@ -179,7 +173,7 @@ void fps_sample(int64_t N, int64_t d, DType dtype, const VisRows& v, const int64
     heap.pop_back();
     out[t] = pick;
     off[pick] = 1;
-    if (row_known(pick)) {
+    if (known.row_known(pick)) {
       kc.push_back(pick);
     } else {
       uc.push_back(pick);
@@ -208,8 +202,10 @@ void mob::farthest_point_sample_cpu(int64_t B, int64_t N, int64_t d, Features vi
     const cpu::VisRows v(vis, b, N, d, parallel, sim.data == nullptr || !seeded);
     cpu::FpsInputs in;
     in.valid = valid ? valid + b * N : nullptr;
-    in.sim = sim.data ? sim.data + b * sim.batch_stride : nullptr;
-    in.sim_row_stride = sim.row_stride;
+    if (sim.data) {  // the whole Gram matrix
+      in.known.rows = sim.data + b * sim.batch_stride;
+      in.known.ld = sim.row_stride;
+    }
     cpu::fps_sample(N, d, vis.dtype, v, s, m, num_picks[b], k, in, out + b * k, parallel);
   });
 }
